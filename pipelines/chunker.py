@@ -1,0 +1,90 @@
+"""Cuts a stream of LLM text deltas into speakable chunks for TTS.
+
+The first chunk is cut early (at the first clause boundary once it has a few
+words, or after ``first_max_words`` words) so speech starts quickly; later
+chunks are whole sentences. A sentence end is only taken as one when the next
+character shows it is one: ``3.5``, ``e.g.`` or ``example.com`` are never cut.
+"""
+
+from __future__ import annotations
+
+import re
+
+ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st vs etc e.g i.e a.m p.m u.s u.k no approx dept est fig inc ltd "
+    "co corp jan feb mar apr jun jul aug sep sept oct nov dec mt ft".split()
+)
+SENTENCE_END = ".!?…"
+CJK_SENTENCE_END = "。！？；"
+CLAUSE_END = ",;:—"
+CJK_CLAUSE_END = "，、："
+_WORD = re.compile(r"\S+")
+
+
+class Chunker:
+    def __init__(self, first_min_words: int = 3, first_max_words: int = 10,
+                 max_chars: int = 250) -> None:
+        self.first_min_words = first_min_words
+        self.first_max_words = first_max_words
+        self.max_chars = max_chars
+        self._buf = ""
+        self._emitted = 0
+
+    def feed(self, delta: str) -> list[str]:
+        """Add text; return the chunks it completes (possibly none)."""
+        self._buf += delta
+        out: list[str] = []
+        while (cut := self._find_cut()) is not None:
+            chunk, self._buf = self._buf[:cut].strip(), self._buf[cut:].lstrip()
+            if _speakable(chunk):
+                out.append(chunk)
+                self._emitted += 1
+            elif chunk and out:  # punctuation-only leftovers ride on the previous chunk
+                out[-1] += chunk
+        return out
+
+    def flush(self) -> list[str]:
+        """End of the reply: whatever is left is the last chunk."""
+        chunk, self._buf = self._buf.strip(), ""
+        if _speakable(chunk):
+            self._emitted += 1
+            return [chunk]
+        return []
+
+    def _find_cut(self) -> int | None:
+        buf = self._buf
+        first = self._emitted == 0
+        for i, ch in enumerate(buf):
+            if ch in CJK_SENTENCE_END or ch == "\n":
+                return i + 1
+            if ch in SENTENCE_END:
+                if i + 1 >= len(buf):
+                    return None  # need the next character to decide
+                if buf[i + 1].isspace() and not _is_abbreviation(buf[: i + 1]):
+                    return i + 1
+            elif first and (ch in CJK_CLAUSE_END or (ch in CLAUSE_END and i + 1 < len(buf)
+                                                      and buf[i + 1].isspace())):
+                if ch in CJK_CLAUSE_END or len(_WORD.findall(buf[:i])) >= self.first_min_words:
+                    return i + 1
+        if first:
+            words = list(_WORD.finditer(buf))
+            # cut after `first_max_words` complete words (a word is complete once followed by space)
+            if len(words) > self.first_max_words:
+                return words[self.first_max_words - 1].end()
+        if len(buf) > self.max_chars:
+            space = buf.rfind(" ", 0, self.max_chars)
+            return space if space > 0 else self.max_chars
+        return None
+
+
+def _speakable(text: str) -> bool:
+    return any(ch.isalnum() for ch in text)
+
+
+def _is_abbreviation(upto_dot: str) -> bool:
+    """Whether the text ending in '.' ends with an abbreviation or an initial ("J.")."""
+    m = re.search(r"(\S+)\.$", upto_dot)
+    if not m:
+        return False
+    word = m.group(1).lstrip("(\"'")
+    return word.lower() in ABBREVIATIONS or (len(word) == 1 and word.isupper())  # "J. Smith"

@@ -1,0 +1,1 @@
+"""Engine interfaces (one small Protocol per capability) and their implementations."""

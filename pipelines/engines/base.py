@@ -1,0 +1,70 @@
+"""One small Protocol per model capability. Real engines and fakes implement them side by side."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from pipelines.compute import Priority
+from streaming.audio import Float32Array
+
+
+class VadStream(Protocol):
+    """Speech probability of consecutive frames of one audio stream (keeps that stream's state)."""
+
+    def __call__(self, frame: Float32Array) -> float: ...
+
+
+class Vad(Protocol):
+    frame_samples: int  # samples per frame at 16 kHz
+
+    def new_stream(self) -> VadStream: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AsrResult:
+    text: str
+    language: str | None = None
+    no_speech_prob: float = 0.0
+    avg_logprob: float = 0.0
+
+
+class Asr(Protocol):
+    name: str
+
+    async def transcribe(
+        self, audio: Float32Array, *, language: str | None, priority: Priority
+    ) -> AsrResult:
+        """Transcribe 16 kHz mono audio. Cancelling it drops the request (see Compute.call)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Llm(Protocol):
+    name: str
+
+    def stream(self, messages: Sequence[ChatMessage], *, max_tokens: int) -> AsyncIterator[str]:
+        """Text deltas of the assistant's reply. Closing the iterator stops generation."""
+        ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+
+class Tts(Protocol):
+    name: str
+    sample_rate: int
+
+    async def synthesize(self, text: str, *, priority: Priority) -> Float32Array:
+        """Mono float32 audio at ``sample_rate`` for one chunk of text. Cancelling drops it."""
+        ...
+
+
+def approx_tokens(text: str) -> int:
+    """A tokenizer-free estimate (≈4 characters per token), for backends that expose none."""
+    return max(1, (len(text) + 3) // 4)

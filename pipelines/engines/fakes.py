@@ -1,0 +1,93 @@
+"""Scripted fake engines for tests about the logic around models (never in the product path)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import numpy as np
+
+from pipelines.compute import Priority
+from pipelines.engines.base import AsrResult, ChatMessage, approx_tokens
+from streaming.audio import Float32Array
+
+
+class FakeVad:
+    """Energy gate: a frame is speech when its RMS exceeds ``level``."""
+
+    frame_samples = 512
+
+    def __init__(self, level: float = 0.02) -> None:
+        self.level = level
+        self.frames = 0
+
+    def new_stream(self) -> Callable[[Float32Array], float]:
+        def prob(frame: Float32Array) -> float:
+            self.frames += 1
+            return 1.0 if float(np.sqrt(np.mean(frame**2))) > self.level else 0.0
+        return prob
+
+
+class FakeAsr:
+    """Answers from a script (a fixed text or a function of the audio) after ``latency_s``."""
+
+    name = "fake-asr"
+
+    def __init__(self, text: str | Callable[[Float32Array], str] = "hello there",
+                 latency_s: float = 0.2, language: str = "en") -> None:
+        self._text = text
+        self.latency_s = latency_s
+        self.language = language
+        self.calls: list[tuple[int, Priority]] = []  # (samples, priority)
+
+    async def transcribe(self, audio: Float32Array, *, language: str | None,
+                         priority: Priority) -> AsrResult:
+        self.calls.append((audio.size, priority))
+        await asyncio.sleep(self.latency_s)
+        text = self._text(audio) if callable(self._text) else self._text
+        return AsrResult(text, language or self.language, 0.01, -0.2)
+
+
+class FakeLlm:
+    """Streams a scripted reply word by word, ``token_s`` apart, after ``first_token_s``."""
+
+    name = "fake-llm"
+
+    def __init__(self, reply: str | Callable[[Sequence[ChatMessage]], str] = "Sure. Here it is.",
+                 first_token_s: float = 0.1, token_s: float = 0.02) -> None:
+        self._reply = reply
+        self.first_token_s = first_token_s
+        self.token_s = token_s
+        self.prompts: list[list[ChatMessage]] = []
+
+    def count_tokens(self, text: str) -> int:
+        return approx_tokens(text)
+
+    async def stream(self, messages: Sequence[ChatMessage], *, max_tokens: int) -> AsyncIterator[str]:
+        self.prompts.append(list(messages))
+        reply = self._reply(messages) if callable(self._reply) else self._reply
+        await asyncio.sleep(self.first_token_s)
+        words = reply.split(" ")
+        for i, word in enumerate(words[:max_tokens]):
+            yield word if i == 0 else " " + word
+            await asyncio.sleep(self.token_s)
+
+
+class FakeTts:
+    """A 220 Hz tone lasting ``ms_per_char`` per character, after ``latency_s``."""
+
+    name = "fake-tts"
+
+    def __init__(self, sample_rate: int = 16_000, ms_per_char: float = 60.0,
+                 latency_s: float = 0.05) -> None:
+        self.sample_rate = sample_rate
+        self.ms_per_char = ms_per_char
+        self.latency_s = latency_s
+        self.calls: list[tuple[str, Priority]] = []
+
+    async def synthesize(self, text: str, *, priority: Priority) -> Float32Array:
+        self.calls.append((text, priority))
+        await asyncio.sleep(self.latency_s)
+        n = int(self.sample_rate * self.ms_per_char * len(text) / 1000)
+        t = np.arange(n, dtype=np.float32) / self.sample_rate
+        return (0.3 * np.sin(2 * np.pi * 220.0 * t)).astype(np.float32)

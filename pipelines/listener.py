@@ -1,0 +1,226 @@
+"""Listening: audio → VAD → segmenter → streaming ASR (partials, speculative final).
+
+Streaming ASR design (docs/ARCHITECTURE.md, "Streaming ASR"):
+
+* Partials: while the person speaks, the utterance so far is transcribed every
+  ``partial_interval_ms`` of audio, one request at a time, at the lowest ASR
+  priority; a partial still queued when a newer one is due is dropped.
+* Speculative final: at the first silent frame after speech (the segmenter's
+  Pause), the final decode of the utterance starts at once, at the highest
+  priority, while the endpoint's silence window (default 500 ms) runs. If the
+  person speaks again (Resume) the speculation is cancelled; if the endpoint
+  comes, its result *is* the final transcript, so almost no ASR work remains
+  after the endpoint. A speculative final that is ready before the endpoint is
+  offered to the conversation as *tentative*, so the reply can be prepared too
+  and released only at the endpoint.
+* Language: with no language configured, the first partial of an utterance
+  detects it; later partials and the final reuse it, so the final never pays
+  for a second encoder pass.
+* Whisper's hallucinations on noise ("Thank you.", "you", subtitle credits) are
+  rejected (``is_hallucination``) and never become user turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from pipelines.compute import Priority
+from pipelines.engines.base import Asr, AsrResult, Vad
+from pipelines.segmenter import End, Onset, Pause, Resume, Segmenter, SegmenterConfig
+from streaming.audio import MODEL_RATE, Float32Array
+from streaming.channels import Channel
+from streaming.errors import VoxlensError
+
+# Whisper's favourite inventions on silence and noise, normalised (lowercase, no punctuation).
+HALLUCINATIONS = frozenset({
+    "you", "thank you", "thanks", "thank you very much", "thanks for watching",
+    "thank you for watching", "thanks for watching and ill see you next time",
+    "please subscribe", "subscribe", "bye", "bye bye", "so", "oh", "hmm", "um", "uh",
+    "subtitles by the amaraorg community", "ご視聴ありがとうございました", "字幕由amaraorg社区提供",
+    "请不吝点赞订阅转发打赏支持明镜与点点栏目", "продолжение следует",
+    "soustitres réalisés para la communauté damaraorg", "untertitel der amaraorg community",
+})
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"[^\w\s]", "", text.lower()).strip()
+
+
+def is_hallucination(result: AsrResult, voiced_ms: int) -> bool:
+    """Whether a transcript should be dropped instead of becoming a user turn."""
+    norm = normalise(result.text)
+    if not norm:
+        return True
+    if result.no_speech_prob > 0.6 and result.avg_logprob < -0.8:  # Whisper's own silence rule
+        return True
+    if norm in HALLUCINATIONS and (voiced_ms < 1000 or result.no_speech_prob > 0.2
+                                   or result.avg_logprob < -0.6):
+        return True
+    words = norm.split()  # a decoding loop: the same few words over and over
+    return len(words) >= 12 and len(set(words)) <= len(words) // 4
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    partial_interval_ms: int = 700
+    partial_min_ms: int = 400  # no partial of less speech than this
+    speculative_final: bool = True
+
+
+class Conversation(Protocol):
+    """What the listener tells the conversation (implemented by Session)."""
+
+    def on_speech_started(self, t_ms: int) -> int:
+        """Speech began; returns the turn id the utterance will carry."""
+        ...
+
+    def on_speech_stopped(self, t_ms: int) -> None: ...
+
+    def on_partial(self, turn_id: int, text: str, language: str | None) -> None: ...
+
+    def on_tentative(self, turn_id: int, text: str, language: str | None) -> None:
+        """A speculative final is ready before the endpoint (may still be voided)."""
+        ...
+
+    def on_resumed(self, turn_id: int) -> None:
+        """Speech resumed: the tentative transcript of this turn is void."""
+        ...
+
+    def on_final(self, turn_id: int, text: str | None, language: str | None,
+                 speech_end: float) -> None:
+        """The endpoint's transcript (None: nothing worth a turn). ``speech_end`` is wall time."""
+        ...
+
+    def on_error(self, error: VoxlensError) -> None: ...
+
+
+@dataclass(slots=True)
+class _Utterance:
+    turn_id: int
+    language: str | None
+    partial: asyncio.Task[None] | None = None
+    partial_at: int = 0  # stream sample count when the last partial was requested
+    speculation: asyncio.Task[AsrResult] | None = None
+
+
+class Listener:
+    def __init__(self, vad: Vad, asr: Asr, conversation: Conversation,
+                 config: ListenerConfig = ListenerConfig(), *, language: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._vad = vad.new_stream()
+        self._frame = vad.frame_samples
+        self._asr = asr
+        self._conv = conversation
+        self.config = config
+        self.language = language
+        self._clock = clock
+        self._seg = Segmenter(config.segmenter, vad.frame_samples)
+        self._samples = 0
+        self._last_voiced_wall = 0.0
+        self._utt: _Utterance | None = None
+        self._finishing: asyncio.Task[None] | None = None
+
+    @property
+    def speaking(self) -> bool:
+        return self._seg.speaking
+
+    async def run(self, audio: Channel[Float32Array], tg: asyncio.TaskGroup) -> None:
+        """Consume 16 kHz mono audio until the channel closes. Cancelling it stops listening;
+        ASR tasks it started belong to ``tg`` and are cancelled with it."""
+        pending = np.zeros(0, dtype=np.float32)
+        async for chunk in audio:
+            pending = np.concatenate([pending, chunk]) if pending.size else chunk
+            n = pending.size // self._frame
+            for k in range(n):
+                self._frame_in(pending[k * self._frame:(k + 1) * self._frame], tg)
+            pending = pending[n * self._frame:]
+            self._maybe_partial(tg)
+
+    def _frame_in(self, frame: Float32Array, tg: asyncio.TaskGroup) -> None:
+        prob = self._vad(frame)  # inline: well under 1 ms (bench/README.md)
+        self._samples += frame.size
+        if prob >= self.config.segmenter.threshold:
+            self._last_voiced_wall = self._clock()
+        for ev in self._seg.push(frame, prob):
+            match ev:
+                case Onset(t_ms):
+                    self._utt = _Utterance(self._conv.on_speech_started(t_ms), self.language,
+                                           partial_at=self._samples)
+                case Pause(_, audio, voiced_ms) if self._utt and self.config.speculative_final:
+                    self._cancel_partial()
+                    self._utt.speculation = tg.create_task(
+                        self._speculate(self._utt, audio, voiced_ms))
+                case Resume() if self._utt:
+                    if self._utt.speculation:
+                        self._utt.speculation.cancel()
+                        self._utt.speculation = None
+                        self._conv.on_resumed(self._utt.turn_id)
+                case End(t_ms, audio, voiced_ms) if self._utt:
+                    utt, self._utt = self._utt, None
+                    self._cancel_partial(utt)
+                    self._conv.on_speech_stopped(t_ms)
+                    self._finishing = tg.create_task(self._finish(
+                        utt, audio, voiced_ms, self._last_voiced_wall, self._finishing))
+
+    def _cancel_partial(self, utt: _Utterance | None = None) -> None:
+        utt = utt or self._utt
+        if utt and utt.partial and not utt.partial.done():
+            utt.partial.cancel()
+
+    def _maybe_partial(self, tg: asyncio.TaskGroup) -> None:
+        utt = self._utt
+        if utt is None or self._seg.paused:
+            return
+        due = self._samples - utt.partial_at >= self.config.partial_interval_ms * MODEL_RATE // 1000
+        if not due or (utt.partial and not utt.partial.done()):
+            return  # one partial at a time: a busy lane drops the ones in between
+        audio = self._seg.audio()
+        if audio.size < self.config.partial_min_ms * MODEL_RATE // 1000:
+            return
+        utt.partial_at = self._samples
+        utt.partial = tg.create_task(self._partial(utt, audio))
+
+    async def _partial(self, utt: _Utterance, audio: Float32Array) -> None:
+        try:
+            result = await self._asr.transcribe(audio, language=utt.language,
+                                                priority=Priority.ASR_PARTIAL)
+        except VoxlensError as e:
+            self._conv.on_error(e)
+            return
+        if utt.language is None:
+            utt.language = result.language
+        if self._utt is utt and not self._seg.paused and not is_hallucination(result, 10_000):
+            self._conv.on_partial(utt.turn_id, result.text, result.language)
+
+    async def _speculate(self, utt: _Utterance, audio: Float32Array, voiced_ms: int) -> AsrResult:
+        result = await self._asr.transcribe(audio, language=utt.language,
+                                            priority=Priority.ASR_FINAL)
+        if self._utt is utt and self._seg.paused and not is_hallucination(result, voiced_ms):
+            self._conv.on_tentative(utt.turn_id, result.text, result.language)
+        return result
+
+    async def _finish(self, utt: _Utterance, audio: Float32Array, voiced_ms: int,
+                      speech_end: float, previous: asyncio.Task[None] | None) -> None:
+        """Resolve an ended utterance into a final transcript, in utterance order."""
+        if previous is not None:
+            await asyncio.wait([previous])
+        try:
+            if utt.speculation is not None:
+                result = await utt.speculation
+            else:
+                result = await self._asr.transcribe(audio, language=utt.language,
+                                                    priority=Priority.ASR_FINAL)
+        except VoxlensError as e:
+            self._conv.on_error(e)
+            self._conv.on_final(utt.turn_id, None, None, speech_end)
+            return
+        text = None if is_hallucination(result, voiced_ms) else result.text
+        self._conv.on_final(utt.turn_id, text, result.language, speech_end)

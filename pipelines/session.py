@@ -1,0 +1,235 @@
+"""One conversation: owns every task of it (listen, think, speak) in one task group."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pipelines.engines.base import Asr, Llm, Tts, Vad
+from pipelines.history import History
+from pipelines.listener import Listener, ListenerConfig
+from pipelines.turn import Turn, TurnConfig
+from streaming.audio import Float32Array
+from streaming.channels import Channel
+from streaming.errors import ProtocolError, VoxlensError
+from streaming.events import (
+    AudioFormat,
+    Error,
+    Event,
+    SessionReady,
+    SpeechStarted,
+    SpeechStopped,
+    Transcript,
+)
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are voxlens, a friendly voice assistant. Your answers are spoken aloud, so reply in "
+    "one or two short, plain sentences without lists, markdown or emoji. Answer in the "
+    "language the user speaks."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Engines:
+    vad: Vad
+    asr: Asr
+    llm: Llm
+    tts: Tts
+
+    def names(self) -> dict[str, str]:
+        return {"vad": type(self.vad).__name__, "asr": self.asr.name, "llm": self.llm.name,
+                "tts": self.tts.name}
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    listener: ListenerConfig = field(default_factory=ListenerConfig)
+    turn: TurnConfig = field(default_factory=TurnConfig)
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    history_tokens: int = 1024
+    language: str | None = None
+    input_rate: int = 16_000
+    input_channels: int = 1
+    output_rate: int = 24_000
+    audio_queue: int = 100  # input chunks buffered before the transport waits
+    event_queue: int = 512
+
+
+class _Stop(Exception):
+    pass
+
+
+class Session:
+    """Implements the transports' SessionPort (streaming/ports.py) and the listener's Conversation.
+
+    ``run()`` owns every task; ``close()`` (or cancelling ``run``) ends them all.
+    """
+
+    def __init__(self, session_id: str, engines: Engines, config: SessionConfig = SessionConfig(),
+                 *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.session_id = session_id
+        self.engines = engines
+        self.config = config
+        self.clock = clock
+        self.events: Channel[Event] = Channel(config.event_queue)
+        self.history = History(config.history_tokens, engines.llm.count_tokens)
+        self._audio: Channel[Float32Array] = Channel(config.audio_queue)
+        self._texts: Channel[str] = Channel(4)
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()
+        self._started = False  # audio or text arrived: format can no longer change
+        self._next_turn = 0
+        self._held: Turn | None = None  # prepared at a tentative transcript, not released
+        self._held_task: asyncio.Task[None] | None = None
+        self._playing: asyncio.Task[None] | None = None
+        self._listener: Listener | None = None
+
+    # ---- SessionPort ------------------------------------------------------------------
+
+    def ready_event(self) -> SessionReady:
+        c = self.config
+        return SessionReady(self.session_id, AudioFormat(c.input_rate, c.input_channels),
+                            AudioFormat(c.output_rate, 1), self.engines.names())
+
+    def configure(self, *, input_rate: int, input_channels: int, output_rate: int,
+                  language: str | None, instructions: str | None) -> None:
+        """Apply ``session.start``; only before any audio or text."""
+        if self._started:
+            raise ProtocolError("session.start must come before any audio or text",
+                                code="bad_state")
+        c = self.config
+        self.config = SessionConfig(
+            listener=c.listener, turn=c.turn, system_prompt=instructions or c.system_prompt,
+            history_tokens=c.history_tokens, language=language if language else c.language,
+            input_rate=input_rate, input_channels=input_channels, output_rate=output_rate,
+            audio_queue=c.audio_queue, event_queue=c.event_queue)
+        if self._listener is not None:
+            self._listener.language = self.config.language
+
+    async def push_audio(self, audio: Float32Array) -> None:
+        """Queue 16 kHz mono audio; waits while the listener is behind. Cancelling drops it."""
+        self._started = True
+        await self._audio.put(audio)
+
+    def submit_text(self, text: str) -> None:
+        """A typed user turn; raises ProtocolError when typed turns arrive faster than handled."""
+        self._started = True
+        if not self._texts.put_nowait(text):
+            raise ProtocolError("too many typed turns at once; wait for a reply", code="busy")
+
+    def close(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Run the session until ``close()``. Cancelling it (or closing) cancels every task
+        of the session; the event channel is closed on the way out."""
+        self._listener = Listener(self.engines.vad, self.engines.asr, self,
+                                  self.config.listener, language=self.config.language,
+                                  clock=self.clock)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                tg.create_task(self._listener.run(self._audio, tg))
+                tg.create_task(self._read_texts())
+                await self._stop.wait()
+                raise _Stop
+        except* _Stop:
+            pass
+        finally:
+            self._tg = None
+            self._audio.close()
+            self._texts.close()
+            self.events.close()
+
+    async def _read_texts(self) -> None:
+        async for text in self._texts:
+            self._start_turn(self._new_turn_id(), text, held=False, speech_end=self.clock())
+
+    # ---- Conversation (called by the listener) ----------------------------------------
+
+    def _emit(self, event: Event) -> None:
+        """Queue an event without waiting; a client that stops reading loses the oldest
+        transcripts rather than stalling the listener."""
+        if not self.events.put_nowait(event):
+            self.events.dropped += 1
+
+    def _new_turn_id(self) -> int:
+        self._next_turn += 1
+        return self._next_turn
+
+    def on_speech_started(self, t_ms: int) -> int:
+        self._started = True
+        self._emit(SpeechStarted(t_ms))
+        return self._new_turn_id()
+
+    def on_speech_stopped(self, t_ms: int) -> None:
+        self._emit(SpeechStopped(t_ms))
+
+    def on_partial(self, turn_id: int, text: str, language: str | None) -> None:
+        self._emit(Transcript(turn_id, text, False, language))
+
+    def on_tentative(self, turn_id: int, text: str, language: str | None) -> None:
+        self._drop_held()
+        self._start_turn(turn_id, text, held=True)
+
+    def on_resumed(self, turn_id: int) -> None:
+        if self._held is not None and self._held.turn_id == turn_id:
+            self._drop_held()
+
+    def on_final(self, turn_id: int, text: str | None, language: str | None,
+                 speech_end: float) -> None:
+        held = self._held
+        if text is None:
+            if held is not None and held.turn_id == turn_id:
+                self._drop_held()
+            return
+        self._emit(Transcript(turn_id, text, True, language))
+        if held is not None and held.turn_id == turn_id and held.user_text == text:
+            assert self._held_task is not None
+            task, self._held, self._held_task = self._held_task, None, None
+            self._release(held, task, speech_end)
+            return
+        self._drop_held()
+        self._start_turn(turn_id, text, held=False, speech_end=speech_end)
+
+    def on_error(self, error: VoxlensError) -> None:
+        self._emit(Error(error.code, error.message, not error.recoverable))
+
+    # ---- turns -------------------------------------------------------------------------
+
+    def _drop_held(self) -> None:
+        if self._held_task is not None:
+            self._held_task.cancel()
+        self._held = self._held_task = None
+
+    def _start_turn(self, turn_id: int, user_text: str, *, held: bool,
+                    speech_end: float | None = None) -> None:
+        if self._tg is None:
+            raise ProtocolError("session is not running", code="bad_state")
+        turn = Turn(turn_id, user_text, self.history.prompt(self.config.system_prompt, user_text),
+                    self.engines.llm, self.engines.tts, self.events, self.config.output_rate,
+                    self.config.turn, self.clock)
+        task = self._tg.create_task(self._run_turn(turn))
+        if held:
+            self._held, self._held_task = turn, task
+        else:
+            self._release(turn, task, speech_end)
+
+    def _release(self, turn: Turn, task: asyncio.Task[None], speech_end: float | None) -> None:
+        if self._playing is not None and not self._playing.done():
+            self._playing.cancel()  # a newer user turn supersedes the reply still going
+        self._playing = task
+        turn.release(speech_end)
+
+    async def _run_turn(self, turn: Turn) -> None:
+        try:
+            await turn.run()
+        except* VoxlensError as group:
+            for e in group.exceptions:
+                assert isinstance(e, VoxlensError)
+                self.on_error(e)
+        finally:
+            if turn.released.is_set():
+                self.history.add(turn.user_text, turn.text.strip())

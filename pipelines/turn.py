@@ -1,0 +1,133 @@
+"""One assistant reply: LLM stream → chunker → TTS per chunk → reply events, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+from pipelines.chunker import Chunker
+from pipelines.compute import Priority
+from pipelines.engines.base import ChatMessage, Llm, Tts
+from streaming.audio import float_to_pcm16, resample
+from streaming.channels import Channel, ChannelClosed
+from streaming.events import Event, Metrics, ReplyAudio, ReplyDone, ReplyStarted, ReplyText
+
+AUDIO_PIECE_MS = 100  # reply audio goes out in pieces of this length
+
+
+@dataclass(frozen=True, slots=True)
+class TurnConfig:
+    max_tokens: int = 160
+    first_min_words: int = 3
+    first_max_words: int = 10
+
+
+@dataclass(slots=True)
+class SpokenChunk:
+    text: str
+    duration_ms: float
+
+
+@dataclass
+class Turn:
+    """A reply that may be prepared before it is *released* (speculation at the endpoint).
+
+    Nothing reaches the session's event channel before ``release``; a turn
+    cancelled before release has said nothing.
+    """
+
+    turn_id: int
+    user_text: str
+    messages: Sequence[ChatMessage]
+    llm: Llm
+    tts: Tts
+    events: Channel[Event]
+    output_rate: int
+    config: TurnConfig = field(default_factory=TurnConfig)
+    clock: Callable[[], float] = time.monotonic
+    text: str = ""  # reply text generated so far
+    spoken: list[SpokenChunk] = field(default_factory=list)  # chunks whose audio was sent
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    speech_end: float | None = None  # wall time the stage timings count from
+    marks: dict[str, float] = field(default_factory=dict)  # stage → wall time
+
+    def release(self, speech_end: float | None = None) -> None:
+        """Let the reply out. ``speech_end`` (wall time) is the zero of its stage timings."""
+        self.speech_end = self.clock() if speech_end is None else speech_end
+        self.marks.setdefault("transcript_final", self.clock())
+        self.released.set()
+
+    def _mark(self, stage: str) -> None:
+        self.marks.setdefault(stage, self.clock())
+
+    async def run(self) -> str:
+        """Generate, speak and emit the reply; returns its text.
+
+        Cancelling it stops the LLM (before its next token) and drops queued TTS
+        work; events already handed to the session's channel stay there.
+        """
+        outbox: Channel[ReplyText | ReplyAudio] = Channel(256)
+        chunks: Channel[str] = Channel(32)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._generate(outbox, chunks))
+            tg.create_task(self._speak(chunks, outbox))
+            await self._emit(outbox)
+        return self.text
+
+    async def _generate(self, outbox: Channel[ReplyText | ReplyAudio], chunks: Channel[str]) -> None:
+        chunker = Chunker(self.config.first_min_words, self.config.first_max_words)
+        deltas = self.llm.stream(self.messages, max_tokens=self.config.max_tokens)
+        try:
+            async for delta in deltas:
+                self._mark("llm_first_token")
+                self.text += delta
+                await outbox.put(ReplyText(self.turn_id, delta))
+                for chunk in chunker.feed(delta):
+                    self._mark("first_chunk")
+                    await chunks.put(chunk)
+            for chunk in chunker.flush():
+                self._mark("first_chunk")
+                await chunks.put(chunk)
+        finally:
+            await _aclose(deltas)  # stops generation now, not when the generator is collected
+            chunks.close()
+
+    async def _speak(self, chunks: Channel[str], outbox: Channel[ReplyText | ReplyAudio]) -> None:
+        first = True
+        piece = self.output_rate * AUDIO_PIECE_MS // 1000
+        try:
+            async for chunk in chunks:
+                prio = Priority.TTS_FIRST if first else Priority.TTS_REST
+                audio = await self.tts.synthesize(chunk, priority=prio)
+                first = False
+                self._mark("tts_first_audio")
+                audio = resample(audio, self.tts.sample_rate, self.output_rate)
+                for k in range(0, audio.size, piece):
+                    await outbox.put(ReplyAudio(self.turn_id, float_to_pcm16(audio[k:k + piece])))
+                self.spoken.append(SpokenChunk(chunk, audio.size * 1000 / self.output_rate))
+        finally:
+            outbox.close()
+
+    async def _emit(self, outbox: Channel[ReplyText | ReplyAudio]) -> None:
+        await self.released.wait()
+        await self.events.put(ReplyStarted(self.turn_id))
+        while True:
+            try:
+                item = await outbox.get()
+            except ChannelClosed:
+                break
+            if isinstance(item, ReplyAudio):
+                self._mark("first_audio_sent")
+            await self.events.put(item)
+        await self.events.put(ReplyDone(self.turn_id, self.text.strip()))
+        base = self.speech_end if self.speech_end is not None else self.clock()
+        stages = {k: (v - base) * 1000 for k, v in self.marks.items()}
+        await self.events.put(Metrics(self.turn_id, stages))
+
+
+async def _aclose(iterator: AsyncIterator[str]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()

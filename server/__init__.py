@@ -1,0 +1,1 @@
+"""The running application: settings, CLI, HTTP app, transport endpoints, session registry."""

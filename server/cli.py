@@ -1,0 +1,135 @@
+"""The `voxlens` command: serve, models, talk."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from streaming.errors import VoxlensError
+
+
+def _progress(label: str, done: int, total: int) -> None:
+    pct = 100 * done // max(total, 1)
+    sys.stderr.write(f"\r  {label}: {pct:3d}% ({done >> 20} / {total >> 20} MiB)")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Locate the packaged models, assemble the multi-part ones into the cache, verify all."""
+    from pipelines import models
+    from server.settings import load_settings
+
+    settings = load_settings(args.config)
+    cache = settings.models.cache_dir or models.default_cache_dir()
+    print(f"model cache: {cache}")
+    try:
+        for model in models.ASSEMBLED:
+            path = models.assemble(model, cache, progress=_progress)
+            print(f"  ok  {model.name}: {path}")
+        print(f"  ok  silero VAD: {models.silero_vad_path()}")
+        print(f"  ok  whisper tiny.en: {models.whisper_model('tiny.en', cache)}")
+        print(f"  ok  SmolLM2-135M-Instruct: {models.llm_model('smollm2-135m', cache)}")
+        print(f"  ok  piper voice joe: {models.piper_voice('joe')[0]}")
+    except VoxlensError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from server.app import create_app
+    from server.settings import load_settings
+
+    overrides: dict[str, Any] = {}
+    settings = load_settings(args.config, **overrides)
+    if args.host:
+        settings.server.host = args.host
+    if args.port is not None:
+        settings.server.port = args.port
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    print(f"voxlens serving on http://{settings.server.host}:{settings.server.port} "
+          f"(WebSocket /ws, health /healthz)", flush=True)
+    web.run_app(app, host=settings.server.host, port=settings.server.port, print=None)
+    return 0
+
+
+def cmd_talk(args: argparse.Namespace) -> int:
+    from client.wavio import read_wav, write_wav
+    from client.ws_client import VoxlensClient
+
+    def show(ev: dict[str, Any]) -> None:
+        if ev.get("type") == "reply.text":
+            return  # printed whole with reply.done
+        print(json.dumps(ev, ensure_ascii=False), flush=True)
+
+    async def talk() -> int:
+        async with VoxlensClient(args.url, on_event=show) as client:
+            if args.language or args.output_rate:
+                fields: dict[str, Any] = {"language": args.language}
+                if args.output_rate:
+                    fields["output_audio"] = {"sample_rate": args.output_rate}
+                await client.start(**fields)
+            if args.wav:
+                audio, rate = read_wav(args.wav)
+                await client.stream_audio(audio, rate, realtime=not args.fast)
+            if args.text:
+                await client.say(args.text)
+            reply = await client.wait_reply(timeout=args.timeout)
+            if args.out:
+                write_wav(args.out, bytes(reply.audio), client.output_rate)
+                print(f"reply audio saved to {args.out}", file=sys.stderr)
+            return 1 if client.errors else 0
+
+    if not args.wav and not args.text:
+        print("error: give --wav FILE and/or --text TEXT", file=sys.stderr)
+        return 2
+    return asyncio.run(talk())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="voxlens", description="Real-time voice-and-vision "
+                                     "assistant server")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the server")
+    p.add_argument("--config", type=Path, help="TOML settings file (env VOXLENS_* wins)")
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default 8080)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("models", help="prepare and verify the packaged models")
+    p.add_argument("--config", type=Path)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("talk", help="talk to a running server over WebSocket")
+    p.add_argument("--url", default="ws://127.0.0.1:8080/ws")
+    p.add_argument("--wav", type=Path, help="16-bit WAV to stream as the microphone")
+    p.add_argument("--text", help="a typed turn")
+    p.add_argument("--out", type=Path, help="save the reply audio here (WAV)")
+    p.add_argument("--language", help="spoken language, e.g. en (default: detect)")
+    p.add_argument("--output-rate", type=int, help="reply audio sample rate")
+    p.add_argument("--fast", action="store_true", help="send the WAV faster than real time")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=cmd_talk)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (VoxlensError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Builds the engines named in the settings (blocking: call it from a worker thread)."""
+
+from __future__ import annotations
+
+import logging
+
+from pipelines import models
+from pipelines.compute import Compute
+from pipelines.engines.asr_whisper import WhisperAsr
+from pipelines.engines.base import Llm
+from pipelines.engines.llm_llama import LlamaLlm
+from pipelines.engines.llm_openai import OpenAiLlm
+from pipelines.engines.tts_piper import PiperTts
+from pipelines.engines.vad_silero import SileroVad
+from pipelines.listener import ListenerConfig
+from pipelines.segmenter import SegmenterConfig
+from pipelines.session import Engines, SessionConfig
+from pipelines.turn import TurnConfig
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_engines(settings: Settings, compute: Compute) -> Engines:
+    cache = settings.models.cache_dir or models.default_cache_dir()
+    vad = SileroVad(models.silero_vad_path(), threads=settings.vad.threads)
+    a = settings.asr
+    asr = WhisperAsr(models.whisper_model(a.model, cache), compute, device=a.device,
+                     compute_type=a.compute_type, cpu_threads=a.threads, beam_size=a.beam_size,
+                     name=f"faster-whisper:{a.model}")
+    log.info("ASR ready: %s", asr.name)
+    m = settings.llm
+    llm: Llm
+    if m.engine == "openai":
+        llm = OpenAiLlm(m.base_url, m.model, api_key=m.api_key, temperature=m.temperature)
+    else:
+        llm = LlamaLlm(models.llm_model(m.model, cache), compute, n_ctx=m.n_ctx,
+                       threads=m.threads, temperature=m.temperature, name=f"llama.cpp:{m.model}")
+    log.info("LLM ready: %s", llm.name)
+    model_path, config_path = models.piper_voice(settings.tts.voice)
+    tts = PiperTts(model_path, config_path, compute, threads=settings.tts.threads,
+                   name=f"piper:{settings.tts.voice}")
+    log.info("TTS ready: %s", tts.name)
+    return Engines(vad=vad, asr=asr, llm=llm, tts=tts)
+
+
+def session_config(settings: Settings) -> SessionConfig:
+    v, a, m = settings.vad, settings.asr, settings.llm
+    seg = SegmenterConfig(threshold=v.threshold, neg_threshold=v.neg_threshold,
+                          min_speech_ms=v.min_speech_ms, silence_ms=v.silence_ms, pad_ms=v.pad_ms,
+                          max_utterance_ms=v.max_utterance_ms)
+    return SessionConfig(
+        listener=ListenerConfig(segmenter=seg, partial_interval_ms=a.partial_interval_ms,
+                                speculative_final=a.speculative_final),
+        turn=TurnConfig(max_tokens=m.max_tokens),
+        system_prompt=m.system_prompt,
+        history_tokens=m.history_tokens,
+        language=a.language,
+        output_rate=settings.tts.output_rate,
+    )

@@ -1,0 +1,111 @@
+"""Settings: defaults < TOML file (``--config``) < environment (``VOXLENS_*``, nested with ``__``).
+
+Example: ``VOXLENS_ASR__MODEL=tiny.en`` or, in TOML, ``[asr] model = "tiny.en"``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from pipelines.session import DEFAULT_SYSTEM_PROMPT
+
+
+class _Section(BaseModel):
+    model_config = {"extra": "forbid"}
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_sessions: int = Field(16, ge=1, description="new sessions beyond this get a 'busy' error")
+
+
+class ModelSettings(_Section):
+    cache_dir: Path | None = Field(None, description="assembled models; default: user cache dir")
+
+
+class VadSettings(_Section):
+    threshold: float = Field(0.5, gt=0, lt=1)
+    neg_threshold: float = Field(0.35, gt=0, lt=1)
+    min_speech_ms: int = Field(250, ge=32)
+    silence_ms: int = Field(500, ge=64, description="silence that ends an utterance")
+    pad_ms: int = Field(200, ge=0)
+    max_utterance_ms: int = Field(30_000, ge=1000, le=30_000)
+    threads: int = Field(1, ge=1)
+
+
+class AsrSettings(_Section):
+    model: str = Field("base", description="'base' (packaged, multilingual), 'tiny.en' "
+                       "(packaged), a CTranslate2 model directory, or a faster-whisper name")
+    language: str | None = Field(None, description="e.g. 'en'; None detects it per utterance")
+    device: str = "cpu"
+    compute_type: str = "int8"
+    threads: int = Field(2, ge=1)
+    beam_size: int = Field(1, ge=1)
+    partial_interval_ms: int = Field(700, ge=100)
+    speculative_final: bool = True
+
+
+class LlmSettings(_Section):
+    engine: Literal["llama", "openai"] = "llama"
+    model: str = Field("qwen2.5-0.5b", description="'qwen2.5-0.5b' or 'smollm2-135m' "
+                       "(packaged) or a GGUF path; for engine=openai, the served model name")
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="engine=openai endpoint")
+    api_key: str | None = None
+    n_ctx: int = Field(2048, ge=256)
+    threads: int = Field(2, ge=1)
+    temperature: float = Field(0.3, ge=0, le=2)
+    max_tokens: int = Field(160, ge=1)
+    history_tokens: int = Field(1024, ge=64)
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+
+class TtsSettings(_Section):
+    voice: str = Field("joe", description="'joe' (packaged) or a piper .onnx path")
+    threads: int = Field(1, ge=1)
+    output_rate: int = Field(24_000, description="default reply audio rate")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VOXLENS_", env_nested_delimiter="__",
+                                      extra="forbid")
+    config_file: ClassVar[Path | None] = None
+
+    server: ServerSettings = ServerSettings()
+    models: ModelSettings = ModelSettings()
+    vad: VadSettings = VadSettings()
+    asr: AsrSettings = AsrSettings()
+    llm: LlmSettings = LlmSettings()
+    tts: TtsSettings = TtsSettings()
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.config_file))
+        return tuple(sources)
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment and an optional TOML file; ``overrides`` win."""
+    if config is not None and not config.is_file():
+        raise FileNotFoundError(f"config file {config} not found")
+    Settings.config_file = config
+    try:
+        return Settings(**overrides)
+    finally:
+        Settings.config_file = None

@@ -1,0 +1,4 @@
+"""What flows: events, bounded channels, audio utilities, the wire protocol and transport adapters.
+
+This package imports neither ``pipelines`` nor ``server``.
+"""

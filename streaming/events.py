@@ -1,0 +1,92 @@
+"""The closed set of events a session emits. Dispatch on them with ``match``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class AudioFormat:
+    sample_rate: int
+    channels: int = 1
+    format: str = "pcm_s16le"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionReady:
+    session_id: str
+    input: AudioFormat
+    output: AudioFormat
+    models: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStarted:
+    t_ms: int  # position in the session's input audio stream
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStopped:
+    t_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    turn_id: int
+    text: str
+    final: bool
+    language: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyStarted:
+    turn_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyText:
+    turn_id: int
+    delta: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyAudio:
+    """A piece of reply audio: PCM s16le mono at the session's output rate."""
+
+    turn_id: int
+    pcm: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyDone:
+    turn_id: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    """Stage timings of one turn in ms, measured from the end of the user's speech."""
+
+    turn_id: int
+    stages: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    code: str
+    message: str
+    fatal: bool = False
+
+
+Event = (
+    SessionReady
+    | SpeechStarted
+    | SpeechStopped
+    | Transcript
+    | ReplyStarted
+    | ReplyText
+    | ReplyAudio
+    | ReplyDone
+    | Metrics
+    | Error
+)

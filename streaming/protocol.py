@@ -1,0 +1,153 @@
+"""The client/server wire protocol (docs/PROTOCOL.md): client message validation and event encoding."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from streaming.audio import check_rate
+from streaming.errors import ProtocolError
+from streaming.events import (
+    AudioFormat,
+    Error,
+    Event,
+    Metrics,
+    ReplyAudio,
+    ReplyDone,
+    ReplyStarted,
+    ReplyText,
+    SessionReady,
+    SpeechStarted,
+    SpeechStopped,
+    Transcript,
+)
+
+MAX_TEXT_MESSAGE_BYTES = 64 * 1024  # every text message but `image`
+MAX_IMAGE_MESSAGE_BYTES = 12 * 1024 * 1024
+MAX_AUDIO_MESSAGE_BYTES = 256 * 1024  # > 1 s of 48 kHz stereo s16le
+MAX_USER_TEXT_CHARS = 4000
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputAudio(_Message):
+    sample_rate: int = 16_000
+    channels: int = Field(default=1, ge=1, le=2)
+    format: Literal["pcm_s16le"] = "pcm_s16le"
+
+
+class OutputAudio(_Message):
+    sample_rate: int = 24_000
+    format: Literal["pcm_s16le"] = "pcm_s16le"
+
+
+class SessionStart(_Message):
+    type: Literal["session.start"]
+    audio: InputAudio = InputAudio()
+    output_audio: OutputAudio = OutputAudio()
+    language: str | None = Field(default=None, min_length=2, max_length=8)
+    instructions: str | None = Field(default=None, max_length=4000)
+
+
+class TextTurn(_Message):
+    type: Literal["text"]
+    text: str = Field(min_length=1, max_length=MAX_USER_TEXT_CHARS)
+
+
+class ImageFrame(_Message):
+    type: Literal["image"]
+    data: str = Field(min_length=1)
+
+
+class Playback(_Message):
+    type: Literal["playback"]
+    played_ms: int = Field(ge=0)
+
+
+class Interrupt(_Message):
+    type: Literal["interrupt"]
+
+
+class SessionEnd(_Message):
+    type: Literal["session.end"]
+
+
+ClientMessage = Annotated[
+    SessionStart | TextTurn | ImageFrame | Playback | Interrupt | SessionEnd,
+    Field(discriminator="type"),
+]
+_client_message: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
+CLIENT_TYPES = ("session.start", "text", "image", "playback", "interrupt", "session.end")
+
+
+def parse_client_message(raw: str) -> ClientMessage:
+    """Validate one client text message; raises ProtocolError with a clear message."""
+    limit = MAX_IMAGE_MESSAGE_BYTES if '"image"' in raw[:200] else MAX_TEXT_MESSAGE_BYTES
+    if len(raw) > limit:
+        raise ProtocolError(f"message of {len(raw)} bytes exceeds the {limit}-byte limit",
+                            code="too_large")
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ProtocolError(f"message is not valid JSON: {e.msg}") from e
+    if not isinstance(obj, dict):
+        raise ProtocolError("message must be a JSON object with a \"type\"")
+    kind = obj.get("type")
+    if kind not in CLIENT_TYPES:
+        raise ProtocolError(
+            f"unknown message type {kind!r}; expected one of {', '.join(CLIENT_TYPES)}",
+            code="unknown_type",
+        )
+    try:
+        msg = _client_message.validate_python(obj)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"][1:]) or "message"
+        raise ProtocolError(f"invalid {kind} message: {where}: {first['msg']}") from e
+    if isinstance(msg, SessionStart):
+        check_rate(msg.audio.sample_rate)
+        check_rate(msg.output_audio.sample_rate)
+    return msg
+
+
+def _fmt(f: AudioFormat) -> dict[str, Any]:
+    return {"sample_rate": f.sample_rate, "channels": f.channels, "format": f.format}
+
+
+def event_to_json(event: Event) -> dict[str, Any]:
+    """The JSON object for a text event. ReplyAudio has none: it travels as binary."""
+    match event:
+        case SessionReady(session_id, input_fmt, output_fmt, models):
+            return {"type": "session.ready", "session_id": session_id, "input": _fmt(input_fmt),
+                    "output": _fmt(output_fmt), "models": models}
+        case SpeechStarted(t_ms):
+            return {"type": "speech.started", "t_ms": t_ms}
+        case SpeechStopped(t_ms):
+            return {"type": "speech.stopped", "t_ms": t_ms}
+        case Transcript(turn_id, text, final, language):
+            return {"type": "transcript", "turn_id": turn_id, "text": text, "final": final,
+                    "language": language}
+        case ReplyStarted(turn_id):
+            return {"type": "reply.started", "turn_id": turn_id}
+        case ReplyText(turn_id, delta):
+            return {"type": "reply.text", "turn_id": turn_id, "delta": delta}
+        case ReplyDone(turn_id, text):
+            return {"type": "reply.done", "turn_id": turn_id, "text": text}
+        case Metrics(turn_id, stages):
+            return {"type": "metrics", "turn_id": turn_id,
+                    "stages": {k: round(v, 1) for k, v in stages.items()}}
+        case Error(code, message, fatal):
+            return {"type": "error", "code": code, "message": message, "fatal": fatal}
+        case ReplyAudio():
+            raise TypeError("reply audio is sent as a binary message")
+
+
+def encode_event(event: Event) -> str | bytes:
+    """Wire form of an event: JSON text, or raw PCM bytes for reply audio."""
+    if isinstance(event, ReplyAudio):
+        return event.pcm
+    return json.dumps(event_to_json(event), ensure_ascii=False)

@@ -1,0 +1,118 @@
+"""The WebSocket transport adapter: aiohttp messages ⇄ a session (docs/PROTOCOL.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import WSMsgType, web
+
+from streaming.audio import InputConverter
+from streaming.channels import ChannelClosed
+from streaming.errors import ProtocolError, VoxlensError
+from streaming.events import Error, Event
+from streaming.ports import SessionPort
+from streaming.protocol import (
+    MAX_AUDIO_MESSAGE_BYTES,
+    ImageFrame,
+    Interrupt,
+    Playback,
+    SessionEnd,
+    SessionStart,
+    TextTurn,
+    encode_event,
+    parse_client_message,
+)
+
+log = logging.getLogger(__name__)
+MAX_BAD_MESSAGES = 20  # a client that keeps sending garbage is disconnected
+
+
+class WebSocketAdapter:
+    def __init__(self, ws: web.WebSocketResponse, session: SessionPort) -> None:
+        self.ws = ws
+        self.session = session
+        ready = session.ready_event()
+        self._converter = InputConverter(ready.input.sample_rate, ready.input.channels)
+        self._bad = 0
+        self._send_lock = asyncio.Lock()  # the event pump and replies to bad input share the socket
+
+    async def run(self) -> None:
+        """Pump both directions until the client leaves or ends the session.
+
+        Cancelling it stops both pumps; the caller closes the session.
+        """
+        await self._send(self.session.ready_event())
+        async with asyncio.TaskGroup() as tg:
+            sender = tg.create_task(self._send_events())
+            try:
+                await self._receive()
+            finally:
+                self.session.close()
+                sender.cancel()
+
+    async def _send(self, event: Event) -> None:
+        wire = encode_event(event)
+        async with self._send_lock:
+            if isinstance(wire, bytes):
+                await self.ws.send_bytes(wire)
+            else:
+                await self.ws.send_str(wire)
+
+    async def _send_events(self) -> None:
+        try:
+            while True:
+                event = await self.session.events.get()
+                await self._send(event)
+        except (ChannelClosed, ConnectionResetError):
+            return
+
+    async def _receive(self) -> None:
+        async for msg in self.ws:
+            try:
+                if msg.type == WSMsgType.TEXT:
+                    if not await self._on_text(msg.data):
+                        return
+                elif msg.type == WSMsgType.BINARY:
+                    await self._on_audio(msg.data)
+                elif msg.type == WSMsgType.ERROR:
+                    log.info("websocket error: %s", self.ws.exception())
+                    return
+            except VoxlensError as e:
+                await self._reject(e)
+                if self._bad > MAX_BAD_MESSAGES:
+                    await self.ws.close(code=1008, message=b"too many bad messages")
+                    return
+
+    async def _reject(self, e: VoxlensError) -> None:
+        self._bad += 1
+        await self._send(Error(e.code, e.message, not e.recoverable))
+
+    async def _on_audio(self, data: bytes) -> None:
+        if len(data) > MAX_AUDIO_MESSAGE_BYTES:
+            raise ProtocolError(f"audio message of {len(data)} bytes exceeds the "
+                                f"{MAX_AUDIO_MESSAGE_BYTES}-byte limit", code="too_large")
+        audio = self._converter.convert(data)
+        if audio.size:
+            await self.session.push_audio(audio)
+
+    async def _on_text(self, raw: str) -> bool:
+        """Handle one client message; False when the client ended the session."""
+        match parse_client_message(raw):
+            case SessionStart() as m:
+                converter = InputConverter(m.audio.sample_rate, m.audio.channels)
+                self.session.configure(
+                    input_rate=m.audio.sample_rate, input_channels=m.audio.channels,
+                    output_rate=m.output_audio.sample_rate, language=m.language,
+                    instructions=m.instructions)
+                self._converter = converter
+                await self._send(self.session.ready_event())
+            case TextTurn(text=text):
+                self.session.submit_text(text)
+            case ImageFrame():
+                raise ProtocolError("camera frames are not supported yet", code="unsupported")
+            case Playback() | Interrupt():
+                pass  # barge-in bookkeeping arrives with the barge-in work; accepted and ignored
+            case SessionEnd():
+                return False
+        return True

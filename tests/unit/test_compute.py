@@ -1,0 +1,80 @@
+import asyncio
+import contextlib
+import threading
+
+import pytest
+
+from pipelines.compute import Compute, Priority
+
+
+@pytest.fixture
+def compute():
+    c = Compute()
+    yield c
+    c.close()
+
+
+async def test_call_runs_in_a_worker_thread(compute: Compute) -> None:
+    main = threading.get_ident()
+    ident = await compute.call("x", Priority.LLM, threading.get_ident)
+    assert ident != main
+
+
+async def test_most_urgent_job_runs_first(compute: Compute) -> None:
+    gate = threading.Event()
+    order: list[str] = []
+    blocker = asyncio.ensure_future(compute.call("x", Priority.VISION, gate.wait))
+    await asyncio.sleep(0.05)  # the blocker occupies the worker
+    jobs = [asyncio.ensure_future(compute.call("x", p, order.append, p.name))
+            for p in (Priority.VISION, Priority.ASR_PARTIAL, Priority.TTS_REST, Priority.ASR_FINAL)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    await asyncio.gather(blocker, *jobs)
+    assert order == ["ASR_FINAL", "TTS_REST", "ASR_PARTIAL", "VISION"]
+
+
+async def test_cancelled_before_start_never_runs(compute: Compute) -> None:
+    gate = threading.Event()
+    ran: list[int] = []
+    blocker = asyncio.ensure_future(compute.call("x", Priority.LLM, gate.wait))
+    await asyncio.sleep(0.05)
+    victim = asyncio.ensure_future(compute.call("x", Priority.LLM, ran.append, 1))
+    await asyncio.sleep(0.05)
+    victim.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await victim
+    assert compute.lane("x").queued() == 0
+    gate.set()
+    await blocker
+    await compute.call("x", Priority.LLM, ran.append, 2)
+    assert ran == [2]
+
+
+async def test_errors_reach_the_caller(compute: Compute) -> None:
+    def boom() -> None:
+        raise ValueError("bad model")
+    with pytest.raises(ValueError, match="bad model"):
+        await compute.call("x", Priority.LLM, boom)
+
+
+async def test_iterate_streams_and_stops_when_the_consumer_leaves(compute: Compute) -> None:
+    produced: list[int] = []
+    release = threading.Event()
+
+    def numbers():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+            if i == 2:
+                release.wait(5)
+
+    got = []
+    async with contextlib.aclosing(compute.iterate("x", Priority.LLM, numbers)) as items:
+        async for n in items:
+            got.append(n)
+            if n == 2:
+                break  # aclosing closes the generator → the worker stops
+    release.set()
+    await compute.call("x", Priority.LLM, lambda: None)  # the lane is free again
+    assert got == [0, 1, 2]
+    assert len(produced) <= 4  # stopped before its next item, not after 1000
