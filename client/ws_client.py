@@ -46,6 +46,7 @@ class VoxlensClient:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
         self._current: int | None = None  # turn whose audio arrives now
+        self._returned: set[int] = set()  # turns already handed out by wait_reply
         self._changed = asyncio.Condition()
         self.closed = asyncio.Event()
 
@@ -174,8 +175,11 @@ class VoxlensClient:
         return voiced_sent_at
 
     async def wait_reply(self, timeout: float = 120) -> TurnRecord:
-        """Wait for the next reply that finishes (reply.done) and return it."""
-        seen = {t for t, r in self.turns.items() if r.done}
-        await self.wait_for(lambda: any(r.done and t not in seen for t, r in self.turns.items()),
-                            timeout)
-        return next(r for t, r in sorted(self.turns.items()) if r.done and t not in seen)
+        """The oldest finished reply (reply.done) not returned before, waiting for one."""
+        def fresh() -> list[TurnRecord]:
+            return [r for t, r in sorted(self.turns.items())
+                    if r.done and t not in self._returned]
+        await self.wait_for(lambda: bool(fresh()), timeout)
+        reply = fresh()[0]
+        self._returned.add(reply.turn_id)
+        return reply

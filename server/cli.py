@@ -13,11 +13,20 @@ from typing import Any
 from streaming.errors import VoxlensError
 
 
+_last_shown: dict[str, int] = {}
+
+
 def _progress(label: str, done: int, total: int) -> None:
+    """A live percentage on a terminal; a line per quarter in a log."""
     pct = 100 * done // max(total, 1)
-    sys.stderr.write(f"\r  {label}: {pct:3d}% ({done >> 20} / {total >> 20} MiB)")
-    if done >= total:
-        sys.stderr.write("\n")
+    tty = sys.stderr.isatty()
+    step = 1 if tty else 25
+    if pct // step == _last_shown.get(label, -1) and done < total:
+        return
+    _last_shown[label] = pct // step
+    start = "\r" if tty else ""
+    end = "\n" if done >= total or not tty else ""
+    sys.stderr.write(f"{start}  {label}: {pct:3d}% ({done >> 20} / {total >> 20} MiB){end}")
     sys.stderr.flush()
 
 

@@ -28,18 +28,22 @@ def build_engines(settings: Settings, compute: Compute) -> Engines:
     asr = WhisperAsr(models.whisper_model(a.model, cache), compute, device=a.device,
                      compute_type=a.compute_type, cpu_threads=a.threads, beam_size=a.beam_size,
                      name=f"faster-whisper:{a.model}")
+    asr.warm_up()
     log.info("ASR ready: %s", asr.name)
     m = settings.llm
     llm: Llm
     if m.engine == "openai":
         llm = OpenAiLlm(m.base_url, m.model, api_key=m.api_key, temperature=m.temperature)
     else:
-        llm = LlamaLlm(models.llm_model(m.model, cache), compute, n_ctx=m.n_ctx,
-                       threads=m.threads, temperature=m.temperature, name=f"llama.cpp:{m.model}")
+        llama = LlamaLlm(models.llm_model(m.model, cache), compute, n_ctx=m.n_ctx,
+                         threads=m.threads, temperature=m.temperature, name=f"llama.cpp:{m.model}")
+        llama.warm_up(m.system_prompt)
+        llm = llama
     log.info("LLM ready: %s", llm.name)
     model_path, config_path = models.piper_voice(settings.tts.voice)
     tts = PiperTts(model_path, config_path, compute, threads=settings.tts.threads,
                    name=f"piper:{settings.tts.voice}")
+    tts.warm_up()
     log.info("TTS ready: %s", tts.name)
     return Engines(vad=vad, asr=asr, llm=llm, tts=tts)
 

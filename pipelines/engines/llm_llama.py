@@ -30,6 +30,13 @@ class LlamaLlm:
         self._llama = Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=threads,
                             n_threads_batch=threads, verbose=False)
 
+    def warm_up(self, system_prompt: str) -> None:
+        """One tiny completion: pays lazy initialisation and leaves the system prompt in the
+        KV cache, which llama.cpp reuses for every prompt that starts with it."""
+        self._llama.create_chat_completion(
+            [{"role": "system", "content": system_prompt}, {"role": "user", "content": "Hi"}],
+            max_tokens=1)
+
     def count_tokens(self, text: str) -> int:
         return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 

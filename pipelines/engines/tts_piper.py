@@ -30,6 +30,9 @@ class PiperTts:
         self._voice = PiperVoice(session=session, config=config, use_tashkeel=False)
         self.sample_rate: int = config.sample_rate
 
+    def warm_up(self) -> None:
+        self._run("Hello.")
+
     async def synthesize(self, text: str, *, priority: Priority) -> Float32Array:
         return await self._compute.call("tts", priority, self._run, text)
 

@@ -1,0 +1,142 @@
+"""End to end over WebSocket with the real packaged models on a real server (loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import jiwer
+import numpy as np
+import pytest
+
+from client.wavio import read_wav, write_wav
+from client.ws_client import VoxlensClient
+from tests.conftest import ARTIFACTS, Server, speak
+
+JFK = ("And so my fellow Americans, ask not what your country can do for you, "
+       "ask what you can do for your country.")
+
+
+def normalise(text: str) -> str:
+    return jiwer.RemovePunctuation()(text.lower()).strip()
+
+
+async def test_recorded_speech_is_transcribed(server: Server, testdata: Path) -> None:
+    audio, rate = read_wav(testdata / "jfk.wav")
+    async with VoxlensClient(server.ws) as client:
+        await client.start(language="en")
+        await client.stream_audio(audio, rate, trailing_silence_ms=1500)
+        await client.wait_for(lambda: any(e["type"] == "speech.stopped" for e in client.events)
+                              and _all_finals_in(client), timeout=60)
+    finals = " ".join(e["text"] for e in client.events
+                      if e["type"] == "transcript" and e["final"])
+    partials = [e for e in client.events if e["type"] == "transcript" and not e["final"]]
+    assert partials, "partial transcripts while speaking"
+    wer = jiwer.wer(normalise(JFK), normalise(finals))
+    assert wer <= 0.15, f"WER {wer:.2f}: {finals!r}"
+
+
+def _all_finals_in(client: VoxlensClient) -> bool:
+    stopped = sum(e["type"] == "speech.stopped" for e in client.events)
+    finals = sum(e["type"] == "transcript" and e["final"] for e in client.events)
+    return finals >= stopped > 0
+
+
+async def test_spoken_question_gets_a_spoken_answer(server: Server, voice, transcriber) -> None:  # type: ignore[no-untyped-def]
+    audio, rate = speak(voice, "What is the capital of France?")
+    async with VoxlensClient(server.ws) as client:
+        await client.stream_audio(audio, rate)
+        reply = await client.wait_reply(timeout=60)
+    assert reply.transcript is not None and "capital of france" in normalise(reply.transcript)
+    assert "paris" in reply.text.lower()
+    assert reply.metrics["first_audio_sent"] > 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    write_wav(ARTIFACTS / "reply-paris.wav", bytes(reply.audio), client.output_rate)
+    heard = transcriber(bytes(reply.audio), client.output_rate)
+    assert "paris" in heard.lower(), heard
+
+
+async def test_typed_turn_with_chosen_output_rate(server: Server, transcriber) -> None:  # type: ignore[no-untyped-def]
+    async with VoxlensClient(server.ws) as client:
+        await client.start(output_audio={"sample_rate": 16000})
+        assert client.output_rate == 16000
+        await client.say("What is the capital of Italy?")
+        reply = await client.wait_reply(timeout=60)
+    assert "rome" in reply.text.lower()
+    assert len(reply.audio) > 16000  # > 0.5 s of 16 kHz s16le
+    heard = transcriber(bytes(reply.audio), 16000)
+    assert "rome" in heard.lower(), heard
+
+
+BAD_INPUTS = [
+    ("not json at all", "bad_message"),
+    ('{"type": "dance"}', "unknown_type"),
+    ('{"type": "text", "text": ""}', "bad_message"),
+    ('{"type": "session.start", "audio": {"sample_rate": 7000}}', "unsupported"),
+    ('{"type": "image", "data": "aGVsbG8="}', "unsupported"),
+    (json.dumps({"type": "text", "text": "x" * 70000}), "too_large"),
+    (b"\x01\x02\x03", "bad_audio"),
+    (b"\x00" * 300_000, "too_large"),
+]
+
+
+async def test_malformed_input_is_answered_and_harms_nothing(server: Server) -> None:
+    async with VoxlensClient(server.ws) as bystander, VoxlensClient(server.ws) as client:
+        for raw, code in BAD_INPUTS:
+            before = len(client.errors)
+            await client.send_raw(raw)
+            await client.wait_for(lambda b=before: len(client.errors) > b, timeout=10)
+            assert client.errors[-1]["code"] == code, (raw[:40], client.errors[-1])
+            assert client.errors[-1]["fatal"] is False
+        # session.start after the session has started is refused
+        await client.say("Say hello.")
+        await client.wait_reply(timeout=60)
+        await client.send({"type": "session.start"})
+        await client.wait_for(lambda: client.errors[-1]["code"] == "bad_state", timeout=10)
+        # both sessions still converse
+        await bystander.say("What is two plus two?")
+        reply = await bystander.wait_reply(timeout=60)
+        assert reply.text
+        assert not bystander.errors
+
+
+async def test_disconnect_mid_reply_frees_the_session(server: Server) -> None:
+    async with VoxlensClient(server.ws) as client:
+        await client.say("Tell me a long story about a dragon and a knight.")
+        await client.wait_for(lambda: any(e["type"] == "reply.text" for e in client.events), 60)
+    # the client is gone mid-reply: the server must drop the session promptly
+    for _ in range(50):
+        with urllib.request.urlopen(f"{server.http}/healthz") as r:
+            if json.load(r)["sessions"] == 0:
+                break
+        await asyncio.sleep(0.1)
+    with urllib.request.urlopen(f"{server.http}/healthz") as r:
+        assert json.load(r)["sessions"] == 0
+
+
+async def test_oversized_frame_closes_only_that_client(server: Server) -> None:
+    async with VoxlensClient(server.ws) as bystander:
+        async with aiohttp.ClientSession() as http, http.ws_connect(server.ws) as ws:
+            await ws.receive()  # session.ready
+            with contextlib.suppress(ConnectionError):  # it may hang up mid-frame
+                await ws.send_bytes(b"\x00" * (13 * 1024 * 1024))
+            msg = await ws.receive()
+            while msg.type == aiohttp.WSMsgType.TEXT:
+                msg = await ws.receive()
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                aiohttp.WSMsgType.ERROR)
+        await bystander.say("Hello!")
+        assert (await bystander.wait_reply(timeout=60)).text
+
+
+def test_health_reports_models(server: Server) -> None:
+    with urllib.request.urlopen(f"{server.http}/healthz") as r:
+        body = json.load(r)
+    assert body["ready"] is True
+    assert body["models"]["asr"] == "faster-whisper:base"
+    assert body["models"]["llm"] == "llama.cpp:qwen2.5-0.5b"
+    assert np.isfinite(body["sessions"])
