@@ -1,8 +1,9 @@
 """Cuts a stream of LLM text deltas into speakable chunks for TTS.
 
-The first chunk is cut early (at the first clause boundary once it has a few
-words, or after ``first_max_words`` words) so speech starts quickly; later
-chunks are whole sentences. A sentence end is only taken as one when the next
+The first chunk is cut early so speech starts quickly: at the first clause
+boundary, or once it has ``first_words`` complete words, extended past any
+trailing function word ("is", "the", "of" ...) so the cut falls where a speaker
+could pause. Later chunks are whole sentences. A sentence end is only taken as one when the next
 character shows it is one: ``3.5``, ``e.g.`` or ``example.com`` are never cut.
 """
 
@@ -19,13 +20,17 @@ CJK_SENTENCE_END = "。！？；"
 CLAUSE_END = ",;:—"
 CJK_CLAUSE_END = "，、："
 _WORD = re.compile(r"\S+")
+# a first chunk does not end on these (it would sound cut off)
+FUNCTION_WORDS = frozenset(
+    "a an the of to in on at by for with from and or but is are was were be been am has have "
+    "had do does did will would can could should may might must that this these those my your "
+    "his her its our their as than so if not no".split()
+)
 
 
 class Chunker:
-    def __init__(self, first_min_words: int = 3, first_max_words: int = 10,
-                 max_chars: int = 250) -> None:
-        self.first_min_words = first_min_words
-        self.first_max_words = first_max_words
+    def __init__(self, first_words: int = 4, max_chars: int = 250) -> None:
+        self.first_words = first_words
         self.max_chars = max_chars
         self._buf = ""
         self._emitted = 0
@@ -64,13 +69,13 @@ class Chunker:
                     return i + 1
             elif first and (ch in CJK_CLAUSE_END or (ch in CLAUSE_END and i + 1 < len(buf)
                                                       and buf[i + 1].isspace())):
-                if ch in CJK_CLAUSE_END or len(_WORD.findall(buf[:i])) >= self.first_min_words:
-                    return i + 1
+                return i + 1
         if first:
-            words = list(_WORD.finditer(buf))
-            # cut after `first_max_words` complete words (a word is complete once followed by space)
-            if len(words) > self.first_max_words:
-                return words[self.first_max_words - 1].end()
+            # words followed by more text are complete; the last one may still be growing
+            words = list(_WORD.finditer(buf))[:-1]
+            for k in range(self.first_words - 1, len(words)):
+                if words[k].group().lower() not in FUNCTION_WORDS:
+                    return words[k].end()
         if len(buf) > self.max_chars:
             space = buf.rfind(" ", 0, self.max_chars)
             return space if space > 0 else self.max_chars

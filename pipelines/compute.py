@@ -5,6 +5,11 @@ urgent job first (lower ``Priority`` value first, then first come). Awaiting
 callers that are cancelled before their job starts remove it from the queue;
 a job already running is abandoned (its result dropped) and, for streaming
 jobs, stopped between two items.
+
+Lanes share the cores, so priority also holds *across* lanes: while urgent
+work (``Priority.URGENT`` and above: a final transcript, a reply's first audio)
+runs on any lane, streaming jobs of lower priority (LLM token loops) wait
+between two items instead of competing for the cores.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ class Priority(enum.IntEnum):
     TTS_REST = 3
     ASR_PARTIAL = 4
     VISION = 5
+
+
+URGENT = Priority.TTS_FIRST  # this and more urgent work pauses streaming jobs on other lanes
 
 
 @dataclass(order=True)
@@ -93,6 +101,26 @@ class Compute:
 
     def __init__(self) -> None:
         self._lanes: dict[str, Lane] = {}
+        self._urgent = 0  # urgent jobs running now, on any lane
+        self._urgent_cv = threading.Condition()
+
+    def _run_job(self, priority: Priority, body: Callable[[], None]) -> None:
+        if priority > URGENT:
+            body()
+            return
+        with self._urgent_cv:
+            self._urgent += 1
+        try:
+            body()
+        finally:
+            with self._urgent_cv:
+                self._urgent -= 1
+                self._urgent_cv.notify_all()
+
+    def _yield_to_urgent(self, timeout: float = 2.0) -> None:
+        """Block a lower-priority streaming job while urgent work runs (bounded wait)."""
+        with self._urgent_cv:
+            self._urgent_cv.wait_for(lambda: self._urgent == 0, timeout)
 
     def lane(self, name: str) -> Lane:
         if name not in self._lanes:
@@ -107,7 +135,7 @@ class Compute:
         """
         fut: Future[T] = Future()
 
-        def run() -> None:
+        def body() -> None:
             if not fut.set_running_or_notify_cancel():
                 return
             try:
@@ -115,7 +143,7 @@ class Compute:
             except BaseException as e:  # handed to the awaiting coroutine
                 fut.set_exception(e)
 
-        job = self.lane(lane).submit(priority, run)
+        job = self.lane(lane).submit(priority, lambda: self._run_job(priority, body))
         try:
             return await asyncio.wrap_future(fut)
         except asyncio.CancelledError:
@@ -143,12 +171,16 @@ class Compute:
             except RuntimeError:  # loop closed: nobody is listening any more
                 stop.set()
 
-        def run() -> None:
+        def body() -> None:
             try:
                 it = make()
                 try:
-                    for item in it:
-                        if stop.is_set():
+                    while not stop.is_set():
+                        if priority > URGENT:
+                            self._yield_to_urgent()  # before computing the next item
+                        try:
+                            item = next(it)
+                        except StopIteration:
                             break
                         put("item", item)
                 finally:
@@ -159,7 +191,7 @@ class Compute:
             except BaseException as e:
                 put("error", e)
 
-        job = self.lane(lane).submit(priority, run)
+        job = self.lane(lane).submit(priority, lambda: self._run_job(priority, body))
         try:
             while True:
                 kind, value = await items.get()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipelines.engines.base import Asr, Llm, Tts, Vad
+from pipelines.engines.base import Asr, ChatMessage, Llm, Tts, Vad
 from pipelines.history import History
 from pipelines.listener import Listener, ListenerConfig
 from pipelines.turn import Turn, TurnConfig
@@ -23,6 +24,8 @@ from streaming.events import (
     SpeechStopped,
     Transcript,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are voxlens, a friendly voice assistant. Your answers are spoken aloud, so reply in "
@@ -84,6 +87,7 @@ class Session:
         self._held: Turn | None = None  # prepared at a tentative transcript, not released
         self._held_task: asyncio.Task[None] | None = None
         self._playing: asyncio.Task[None] | None = None
+        self._prefill: asyncio.Task[None] | None = None
         self._listener: Listener | None = None
 
     # ---- SessionPort ------------------------------------------------------------------
@@ -137,6 +141,12 @@ class Session:
                 raise _Stop
         except* _Stop:
             pass
+        except* Exception as group:  # a bug or a dead engine: tell the client, end this session
+            log.error("session %s failed", self.session_id, exc_info=group)
+            fatal = Error("internal", "the session failed and was closed", True)
+            if not self.events.put_nowait(fatal):
+                self.events.clear()
+                self.events.put_nowait(fatal)
         finally:
             self._tg = None
             self._audio.close()
@@ -169,6 +179,16 @@ class Session:
 
     def on_partial(self, turn_id: int, text: str, language: str | None) -> None:
         self._emit(Transcript(turn_id, text, False, language))
+        # warm the LLM with the prompt so far: the final prompt starts the same way
+        if self._tg is not None and (self._prefill is None or self._prefill.done()):
+            prompt = self.history.prompt(self.config.system_prompt, text)
+            self._prefill = self._tg.create_task(self._prefill_llm(prompt))
+
+    async def _prefill_llm(self, prompt: list[ChatMessage]) -> None:
+        try:
+            await self.engines.llm.prefill(prompt)
+        except VoxlensError as e:
+            log.warning("LLM prefill failed: %s", e.message)
 
     def on_tentative(self, turn_id: int, text: str, language: str | None) -> None:
         self._drop_held()

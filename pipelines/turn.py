@@ -20,8 +20,7 @@ AUDIO_PIECE_MS = 100  # reply audio goes out in pieces of this length
 @dataclass(frozen=True, slots=True)
 class TurnConfig:
     max_tokens: int = 160
-    first_min_words: int = 3
-    first_max_words: int = 10
+    first_chunk_words: int = 4
 
 
 @dataclass(slots=True)
@@ -77,7 +76,7 @@ class Turn:
         return self.text
 
     async def _generate(self, outbox: Channel[ReplyText | ReplyAudio], chunks: Channel[str]) -> None:
-        chunker = Chunker(self.config.first_min_words, self.config.first_max_words)
+        chunker = Chunker(self.config.first_chunk_words)
         deltas = self.llm.stream(self.messages, max_tokens=self.config.max_tokens)
         try:
             async for delta in deltas:

@@ -27,6 +27,7 @@ def build_engines(settings: Settings, compute: Compute) -> Engines:
     a = settings.asr
     asr = WhisperAsr(models.whisper_model(a.model, cache), compute, device=a.device,
                      compute_type=a.compute_type, cpu_threads=a.threads, beam_size=a.beam_size,
+                     min_window_s=a.min_window_s,
                      name=f"faster-whisper:{a.model}")
     asr.warm_up()
     log.info("ASR ready: %s", asr.name)

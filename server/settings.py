@@ -51,6 +51,8 @@ class AsrSettings(_Section):
     compute_type: str = "int8"
     threads: int = Field(2, ge=1)
     beam_size: int = Field(1, ge=1)
+    min_window_s: int = Field(10, ge=1, le=30, description="shortest encoder window; 30 = "
+                              "stock Whisper (slower, see bench/README.md)")
     partial_interval_ms: int = Field(700, ge=100)
     speculative_final: bool = True
 
@@ -71,7 +73,7 @@ class LlmSettings(_Section):
 
 class TtsSettings(_Section):
     voice: str = Field("joe", description="'joe' (packaged) or a piper .onnx path")
-    threads: int = Field(1, ge=1)
+    threads: int = Field(2, ge=1)
     output_rate: int = Field(24_000, description="default reply audio rate")
 
 

@@ -60,11 +60,14 @@ class WebSocketAdapter:
                 await self.ws.send_str(wire)
 
     async def _send_events(self) -> None:
+        """Forward session events; when the session ends on its own, hang up."""
         try:
             while True:
                 event = await self.session.events.get()
                 await self._send(event)
-        except (ChannelClosed, ConnectionResetError):
+        except ChannelClosed:
+            await self.ws.close()
+        except ConnectionResetError:
             return
 
     async def _receive(self) -> None:

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from server.launch import ServerProcess as Server
+from server.launch import free_port, spawn_server
 from streaming.audio import Float32Array, resample
+
+__all__ = ["ARTIFACTS", "Server", "free_port", "speak"]
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -29,59 +28,12 @@ def testdata() -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    def __init__(self, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.port = port
-        self.proc = proc
-        self.log = log
-        self.http = f"http://127.0.0.1:{port}"
-        self.ws = f"ws://127.0.0.1:{port}/ws"
-
-
-def start_server(name: str, env: dict[str, str] | None = None) -> Server:
-    """``voxlens serve`` in a subprocess on a free loopback port, ready when /healthz says so."""
-    port = free_port()
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / f"server-{name}.log"
-    full_env = {**os.environ, "VOXLENS_SERVER__PORT": str(port),
-                "VOXLENS_SERVER__HOST": "127.0.0.1", **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT,
-                            env=full_env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-                if r.status == 200:
-                    return Server(port, proc, log)
-        except OSError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"server not ready in time: {log.read_text()[-2000:]}")
-
-
-def stop_server(server: Server) -> None:
-    server.proc.terminate()
-    try:
-        server.proc.wait(20)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-
-
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
     """The real server with the default embedded models."""
-    s = start_server("default")
+    s = spawn_server(ARTIFACTS / "server-default.log")
     yield s
-    stop_server(s)
+    s.stop()
 
 
 @pytest.fixture(scope="session")

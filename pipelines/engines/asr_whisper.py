@@ -45,7 +45,7 @@ class WhisperAsr:
         compute_type: str = "int8",
         cpu_threads: int = 2,
         beam_size: int = 1,
-        min_window_s: int = 15,
+        min_window_s: int = 10,
         name: str | None = None,
     ) -> None:
         self.name = name or f"faster-whisper:{model}"

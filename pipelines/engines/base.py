@@ -55,6 +55,11 @@ class Llm(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
+    async def prefill(self, messages: Sequence[ChatMessage]) -> None:
+        """Optionally pre-compute the prompt's KV cache (a prompt that starts the same way
+        later costs only its new tokens). Background work; may do nothing."""
+        ...
+
 
 class Tts(Protocol):
     name: str

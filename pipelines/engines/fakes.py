@@ -59,6 +59,10 @@ class FakeLlm:
         self.first_token_s = first_token_s
         self.token_s = token_s
         self.prompts: list[list[ChatMessage]] = []
+        self.prefills: list[list[ChatMessage]] = []
+
+    async def prefill(self, messages: Sequence[ChatMessage]) -> None:
+        self.prefills.append(list(messages))
 
     def count_tokens(self, text: str) -> int:
         return approx_tokens(text)

@@ -33,9 +33,17 @@ class LlamaLlm:
     def warm_up(self, system_prompt: str) -> None:
         """One tiny completion: pays lazy initialisation and leaves the system prompt in the
         KV cache, which llama.cpp reuses for every prompt that starts with it."""
-        self._llama.create_chat_completion(
-            [{"role": "system", "content": system_prompt}, {"role": "user", "content": "Hi"}],
-            max_tokens=1)
+        self._evaluate([{"role": "system", "content": system_prompt},
+                        {"role": "user", "content": "Hi"}])
+
+    async def prefill(self, messages: Sequence[ChatMessage]) -> None:
+        """Evaluate a prompt ahead of time at background priority. llama.cpp keeps the
+        evaluated tokens, so the real prompt pays only for the tokens that differ."""
+        payload = [{"role": m.role, "content": m.content} for m in messages]
+        await self._compute.call("llm", Priority.ASR_PARTIAL, self._evaluate, payload)
+
+    def _evaluate(self, payload: list[dict[str, str]]) -> None:
+        self._llama.create_chat_completion(payload, max_tokens=1)
 
     def count_tokens(self, text: str) -> int:
         return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))

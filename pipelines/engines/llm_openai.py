@@ -26,6 +26,9 @@ class OpenAiLlm:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s))
 
+    async def prefill(self, messages: Sequence[ChatMessage]) -> None:
+        """Nothing to do: servers such as vLLM cache prompt prefixes on their own."""
+
     def count_tokens(self, text: str) -> int:
         return approx_tokens(text)
 

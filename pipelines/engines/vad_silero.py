@@ -43,6 +43,7 @@ class SileroVadStream:
     def __call__(self, frame: Float32Array) -> float:
         if frame.shape != (FRAME,):
             raise ValueError(f"silero VAD takes frames of {FRAME} samples, got {frame.shape}")
+        frame = frame.astype(np.float32, copy=False)
         x = np.concatenate([self._context, frame])[None, :]
         out, self._state = self._session.run(None, {"input": x, "state": self._state, "sr": self._sr})
         self._context = frame[-CONTEXT:].copy()

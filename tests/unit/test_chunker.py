@@ -15,31 +15,32 @@ def chunks_of(text: str, step: int = 3, **kw: int) -> list[str]:
 def test_first_chunk_is_an_early_clause_then_sentences() -> None:
     text = "Sure, the capital of France is Paris. It is known for the Eiffel Tower. Anything else?"
     assert chunks_of(text) == [
-        "Sure, the capital of France is Paris.",
+        "Sure,",
+        "the capital of France is Paris.",
         "It is known for the Eiffel Tower.",
         "Anything else?",
     ]
-    text = "Well, I think that the capital of France is Paris. Yes."
-    assert chunks_of(text)[0] == "Well, I think that the capital of France is Paris."
-    text = "The capital city, as you may know, is Paris."
-    assert chunks_of(text) == ["The capital city,", "as you may know, is Paris."]
+    text = "The city, as you may know, is Paris."
+    assert chunks_of(text) == ["The city,", "as you may know, is Paris."]
 
 
-def test_first_chunk_cut_after_max_words_without_punctuation() -> None:
-    text = "one two three four five six seven eight nine ten eleven twelve. Next one."
-    out = chunks_of(text, first_max_words=5)
-    assert out[0] == "one two three four five"
-    assert out[1] == "six seven eight nine ten eleven twelve."
+def test_first_chunk_cut_after_a_few_words_but_not_on_a_function_word() -> None:
+    assert chunks_of("The capital of France is Paris. Yes.") == [
+        "The capital of France", "is Paris.", "Yes."]
+    # "the" and "of" cannot end it: the cut moves on to the next content word
+    assert chunks_of("I think that the history of Rome is long.")[0] == "I think that the history"
+    assert chunks_of("A spider has eight legs.") == ["A spider has eight", "legs."]
+    assert chunks_of("Yes it is.") == ["Yes it is."]  # too short to cut
 
 
 @pytest.mark.parametrize("text", [
     "The value is 3.5 percent of the total.",
-    "Ask Dr. Smith about it, e.g. tomorrow at 5 p.m. today.",
+    "Ask Dr. Smith about it e.g. tomorrow at 5 p.m. today.",
     "Visit example.com/docs for the details.",
     "It costs $1,299.99 in the U.S. store.",
 ])
 def test_numbers_abbreviations_and_urls_are_not_split(text: str) -> None:
-    assert chunks_of(text, step=1, first_min_words=99, first_max_words=99) == [text]
+    assert chunks_of(text, step=1, first_words=99) == [text]
 
 
 def test_no_empty_or_punctuation_only_chunks() -> None:
@@ -52,7 +53,7 @@ def test_no_empty_or_punctuation_only_chunks() -> None:
 
 
 def test_sentence_end_waits_for_the_next_character() -> None:
-    c = Chunker(first_min_words=99)
+    c = Chunker(first_words=99)
     assert c.feed("It is 3.") == []  # could be 3.5
     assert c.feed("5 now. And") == ["It is 3.5 now."]
     assert c.flush() == ["And"]
@@ -65,6 +66,6 @@ def test_chinese_punctuation_cuts() -> None:
 
 def test_overlong_sentence_is_cut_at_a_space() -> None:
     text = ("word " * 80).strip() + "."
-    out = chunks_of(text, max_chars=100, first_max_words=99)
+    out = chunks_of(text, max_chars=100, first_words=99)
     assert all(len(c) <= 100 for c in out)
     assert " ".join(out) == text

@@ -78,3 +78,32 @@ async def test_iterate_streams_and_stops_when_the_consumer_leaves(compute: Compu
     await compute.call("x", Priority.LLM, lambda: None)  # the lane is free again
     assert got == [0, 1, 2]
     assert len(produced) <= 4  # stopped before its next item, not after 1000
+
+
+async def test_streaming_jobs_pause_while_urgent_work_runs(compute: Compute) -> None:
+    events: list[str] = []
+    urgent_started = threading.Event()
+    finish_urgent = threading.Event()
+
+    def tokens():
+        for i in range(3):
+            events.append(f"token{i}")
+            yield i
+
+    def first_audio() -> None:
+        urgent_started.set()
+        finish_urgent.wait(5)
+        events.append("urgent done")
+
+    async def consume() -> None:
+        async for _ in compute.iterate("llm", Priority.LLM, tokens):
+            pass
+
+    urgent = asyncio.ensure_future(compute.call("tts", Priority.TTS_FIRST, first_audio))
+    await asyncio.to_thread(urgent_started.wait, 5)
+    consumer = asyncio.ensure_future(consume())
+    await asyncio.sleep(0.2)
+    assert events == []  # the LLM on another lane waits for the urgent TTS job
+    finish_urgent.set()
+    await asyncio.gather(consumer, urgent)
+    assert events == ["urgent done", "token0", "token1", "token2"]

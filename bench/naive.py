@@ -1,0 +1,108 @@
+"""The naive cascade baseline: the same models, one stage after the other.
+
+Waits for the endpoint (same VAD and segmenter settings), transcribes the whole
+utterance, generates the whole answer, synthesizes it whole, then sends it.
+It speaks the same wire protocol through the same WebSocket adapter, so the
+client measures both designs the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from pipelines.compute import Priority
+from pipelines.segmenter import End, Segmenter
+from pipelines.session import Engines, SessionConfig
+from streaming.audio import Float32Array, float_to_pcm16, resample
+from streaming.channels import Channel
+from streaming.events import (
+    AudioFormat,
+    Event,
+    Metrics,
+    ReplyAudio,
+    ReplyDone,
+    ReplyStarted,
+    ReplyText,
+    SessionReady,
+    Transcript,
+)
+from pipelines.engines.base import ChatMessage
+
+
+class NaiveSession:
+    def __init__(self, session_id: str, engines: Engines, config: SessionConfig) -> None:
+        self.session_id = session_id
+        self.engines = engines
+        self.config = config
+        self.events: Channel[Event] = Channel(512)
+        self._vad = engines.vad.new_stream()
+        self._seg = Segmenter(config.listener.segmenter, engines.vad.frame_samples)
+        self._pending = np.zeros(0, dtype=np.float32)
+        self._ends: Channel[tuple[Float32Array, float]] = Channel(8)
+        self._stop = asyncio.Event()
+        self._last_voiced = 0.0
+        self._turn = 0
+
+    def ready_event(self) -> SessionReady:
+        return SessionReady(self.session_id, AudioFormat(16000), AudioFormat(self.config.output_rate),
+                            {"mode": "naive cascade"})
+
+    def configure(self, **_: object) -> None:
+        pass
+
+    def submit_text(self, text: str) -> None:
+        raise NotImplementedError("the naive baseline takes speech only")
+
+    def close(self) -> None:
+        self._stop.set()
+
+    async def push_audio(self, audio: Float32Array) -> None:
+        self._pending = np.concatenate([self._pending, audio])
+        f = self.engines.vad.frame_samples
+        while self._pending.size >= f:
+            frame, self._pending = self._pending[:f], self._pending[f:]
+            prob = self._vad(frame)
+            if prob >= self.config.listener.segmenter.threshold:
+                self._last_voiced = time.monotonic()
+            for ev in self._seg.push(frame, prob):
+                if isinstance(ev, End):
+                    await self._ends.put((ev.audio, self._last_voiced))
+
+    async def run(self) -> None:
+        worker = asyncio.create_task(self._work())
+        await self._stop.wait()
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+        self.events.close()
+
+    async def _work(self) -> None:
+        e = self.engines
+        async for audio, speech_end in self._ends:
+            self._turn += 1
+            turn = self._turn
+            heard = await e.asr.transcribe(audio, language=self.config.language,
+                                           priority=Priority.ASR_FINAL)
+            t_asr = time.monotonic()
+            await self.events.put(Transcript(turn, heard.text, True, heard.language))
+            messages = [ChatMessage("system", self.config.system_prompt),
+                        ChatMessage("user", heard.text)]
+            text = "".join([d async for d in e.llm.stream(messages,
+                                                          max_tokens=self.config.turn.max_tokens)])
+            t_llm = time.monotonic()
+            audio_out = await e.tts.synthesize(text, priority=Priority.TTS_FIRST)
+            t_tts = time.monotonic()
+            pcm = float_to_pcm16(resample(audio_out, e.tts.sample_rate, self.config.output_rate))
+            await self.events.put(ReplyStarted(turn))
+            await self.events.put(ReplyText(turn, text))
+            piece = self.config.output_rate * 2 // 10
+            for k in range(0, len(pcm), piece):
+                await self.events.put(ReplyAudio(turn, pcm[k:k + piece]))
+            t_sent = time.monotonic()
+            await self.events.put(ReplyDone(turn, text))
+            ms = {k: (v - speech_end) * 1000 for k, v in
+                  {"transcript_final": t_asr, "llm_done": t_llm, "tts_done": t_tts,
+                   "first_audio_sent": t_sent}.items()}
+            await self.events.put(Metrics(turn, ms))

@@ -1,0 +1,73 @@
+"""Start a voxlens server in a child process on a free loopback port (tests, bench, demos)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def spawn(args: list[str], log: Path, *, env: dict[str, str] | None = None,
+          timeout_s: float = 180) -> ServerProcess:
+    """Run ``python <args>`` with VOXLENS_SERVER__PORT set to a free port; wait for /healthz."""
+    port = free_port()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, "VOXLENS_SERVER__HOST": "127.0.0.1",
+                "VOXLENS_SERVER__PORT": str(port), **(env or {})}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, *args], env=full_env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early ({proc.returncode}):\n"
+                               f"{log.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return ServerProcess(port, proc, log)
+        except OSError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"server not ready in {timeout_s:.0f} s:\n"
+                       f"{log.read_text(errors='replace')[-3000:]}")
+
+
+def spawn_server(log: Path, *, env: dict[str, str] | None = None) -> ServerProcess:
+    """``voxlens serve`` with the settings from the environment (plus ``env``)."""
+    return spawn(["-m", "server.cli", "serve"], log, env=env)

@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from server.engines import session_config
+from server.settings import load_settings
+
+
+def test_defaults_are_the_embedded_offline_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(__import__("os").environ):
+        if key.startswith("VOXLENS_"):
+            monkeypatch.delenv(key)
+    s = load_settings()
+    assert (s.server.host, s.server.port) == ("127.0.0.1", 8080)
+    assert (s.asr.model, s.llm.engine, s.llm.model, s.tts.voice) == (
+        "base", "llama", "qwen2.5-0.5b", "joe")
+    assert s.vad.silence_ms == 500
+
+
+def test_env_and_toml_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "voxlens.toml"
+    cfg.write_text('[asr]\nmodel = "tiny.en"\nlanguage = "en"\n[vad]\nsilence_ms = 700\n'
+                   '[llm]\nengine = "openai"\nbase_url = "http://127.0.0.1:9999/v1"\n')
+    monkeypatch.setenv("VOXLENS_VAD__SILENCE_MS", "600")  # env beats the file
+    s = load_settings(cfg)
+    assert s.asr.model == "tiny.en" and s.asr.language == "en"
+    assert s.vad.silence_ms == 600
+    assert s.llm.engine == "openai"
+    sc = session_config(s)
+    assert sc.listener.segmenter.silence_ms == 600 and sc.language == "en"
+
+
+def test_bad_settings_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VOXLENS_VAD__SILENCE_MS", "-3")
+    with pytest.raises(ValidationError):
+        load_settings()
+    monkeypatch.delenv("VOXLENS_VAD__SILENCE_MS")
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[asr]\nmodle = 'typo'\n")
+    with pytest.raises(ValidationError, match="modle"):
+        load_settings(cfg)
+    with pytest.raises(FileNotFoundError):
+        load_settings(tmp_path / "missing.toml")
