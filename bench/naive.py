@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from pipelines.compute import Priority
+from pipelines.engines.base import Asr, ChatMessage
 from pipelines.segmenter import End, Segmenter
 from pipelines.session import Engines, SessionConfig
 from streaming.audio import Float32Array, float_to_pcm16, resample
@@ -29,13 +30,14 @@ from streaming.events import (
     SessionReady,
     Transcript,
 )
-from pipelines.engines.base import ChatMessage
 
 
 class NaiveSession:
-    def __init__(self, session_id: str, engines: Engines, config: SessionConfig) -> None:
+    def __init__(self, session_id: str, engines: Engines, config: SessionConfig,
+                 asr: Asr | None = None) -> None:
         self.session_id = session_id
         self.engines = engines
+        self.asr = asr or engines.asr
         self.config = config
         self.events: Channel[Event] = Channel(512)
         self._vad = engines.vad.new_stream()
@@ -83,7 +85,7 @@ class NaiveSession:
         async for audio, speech_end in self._ends:
             self._turn += 1
             turn = self._turn
-            heard = await e.asr.transcribe(audio, language=self.config.language,
+            heard = await self.asr.transcribe(audio, language=self.config.language,
                                            priority=Priority.ASR_FINAL)
             t_asr = time.monotonic()
             await self.events.put(Transcript(turn, heard.text, True, heard.language))

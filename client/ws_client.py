@@ -54,7 +54,7 @@ class VoxlensClient:
         self._http = aiohttp.ClientSession()
         self._ws = await self._http.ws_connect(self.url, max_msg_size=0)
         self._reader = asyncio.create_task(self._read())
-        await self.wait_for(lambda: self.ready is not None, timeout=30)
+        await self.wait_for(lambda: self.ready is not None, timeout_s=30)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -121,14 +121,14 @@ class VoxlensClient:
         if self.on_event is not None:
             self.on_event(ev)
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 60) -> None:
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 60) -> None:
         """Wait until ``predicate()`` holds (checked after every message)."""
         async def wait() -> None:
             async with self._changed:
                 await self._changed.wait_for(lambda: predicate() or self.closed.is_set())
             if not predicate():
                 raise ConnectionError("connection closed before the awaited event")
-        await asyncio.wait_for(wait(), timeout)
+        await asyncio.wait_for(wait(), timeout_s)
 
     async def send(self, message: dict[str, Any]) -> None:
         assert self._ws is not None
@@ -174,12 +174,12 @@ class VoxlensClient:
                 voiced_sent_at = time.monotonic()
         return voiced_sent_at
 
-    async def wait_reply(self, timeout: float = 120) -> TurnRecord:
+    async def wait_reply(self, timeout_s: float = 120) -> TurnRecord:
         """The oldest finished reply (reply.done) not returned before, waiting for one."""
         def fresh() -> list[TurnRecord]:
             return [r for t, r in sorted(self.turns.items())
                     if r.done and t not in self._returned]
-        await self.wait_for(lambda: bool(fresh()), timeout)
+        await self.wait_for(lambda: bool(fresh()), timeout_s)
         reply = fresh()[0]
         self._returned.add(reply.turn_id)
         return reply

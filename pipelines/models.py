@@ -25,7 +25,8 @@ Progress = Callable[[str, int, int], None]  # (label, bytes done, bytes total)
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("VOXLENS_MODELS__CACHE_DIR") or platformdirs.user_cache_dir("voxlens")) / "models"
+    base = os.environ.get("VOXLENS_MODELS__CACHE_DIR")
+    return Path(base) if base else Path(platformdirs.user_cache_dir("voxlens")) / "models"
 
 
 def package_dir(package: str) -> Path:

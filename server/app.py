@@ -7,6 +7,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -37,7 +38,7 @@ EngineFactory = Callable[[Settings, Compute], Engines]
 
 async def healthz(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    body = {"ready": state.engines is not None, "sessions": len(state.sessions)}
+    body: dict[str, Any] = {"ready": state.engines is not None, "sessions": len(state.sessions)}
     if state.engines is not None:
         body["models"] = state.engines.names()
         return web.json_response(body)

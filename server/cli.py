@@ -12,7 +12,6 @@ from typing import Any
 
 from streaming.errors import VoxlensError
 
-
 _last_shown: dict[str, int] = {}
 
 
@@ -94,7 +93,7 @@ def cmd_talk(args: argparse.Namespace) -> int:
                 await client.stream_audio(audio, rate, realtime=not args.fast)
             if args.text:
                 await client.say(args.text)
-            reply = await client.wait_reply(timeout=args.timeout)
+            reply = await client.wait_reply(timeout_s=args.timeout)
             if args.out:
                 write_wav(args.out, bytes(reply.audio), client.output_rate)
                 print(f"reply audio saved to {args.out}", file=sys.stderr)

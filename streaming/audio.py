@@ -34,7 +34,8 @@ def pcm16_to_float(data: bytes, channels: int = 1) -> Float32Array:
 
 def float_to_pcm16(x: npt.NDArray[np.floating]) -> bytes:
     """Mono float in [-1, 1] → s16le bytes (clipped)."""
-    return (np.clip(x, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    pcm: bytes = (np.clip(x, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    return pcm
 
 
 def int16_to_float(x: Int16Array) -> Float32Array:

@@ -33,16 +33,14 @@ class LlamaLlm:
     def warm_up(self, system_prompt: str) -> None:
         """One tiny completion: pays lazy initialisation and leaves the system prompt in the
         KV cache, which llama.cpp reuses for every prompt that starts with it."""
-        self._evaluate([{"role": "system", "content": system_prompt},
-                        {"role": "user", "content": "Hi"}])
+        self._evaluate(_payload([ChatMessage("system", system_prompt), ChatMessage("user", "Hi")]))
 
     async def prefill(self, messages: Sequence[ChatMessage]) -> None:
         """Evaluate a prompt ahead of time at background priority. llama.cpp keeps the
         evaluated tokens, so the real prompt pays only for the tokens that differ."""
-        payload = [{"role": m.role, "content": m.content} for m in messages]
-        await self._compute.call("llm", Priority.ASR_PARTIAL, self._evaluate, payload)
+        await self._compute.call("llm", Priority.ASR_PARTIAL, self._evaluate, _payload(messages))
 
-    def _evaluate(self, payload: list[dict[str, str]]) -> None:
+    def _evaluate(self, payload: Any) -> None:
         self._llama.create_chat_completion(payload, max_tokens=1)
 
     def count_tokens(self, text: str) -> int:
@@ -50,7 +48,7 @@ class LlamaLlm:
 
     def stream(self, messages: Sequence[ChatMessage], *, max_tokens: int) -> AsyncIterator[str]:
         """Reply deltas. Closing the iterator stops llama.cpp before its next token."""
-        payload = [{"role": m.role, "content": m.content} for m in messages]
+        payload = _payload(messages)
 
         def generate() -> Iterator[str]:
             try:
@@ -64,3 +62,8 @@ class LlamaLlm:
                 raise EngineError(f"llama.cpp failed: {e}") from e
 
         return self._compute.iterate("llm", Priority.LLM, generate)
+
+
+def _payload(messages: Sequence[ChatMessage]) -> Any:
+    """llama-cpp-python's message dicts (typed there as TypedDicts, hence Any)."""
+    return [{"role": m.role, "content": m.content} for m in messages]

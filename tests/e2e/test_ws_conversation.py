@@ -11,7 +11,6 @@ from pathlib import Path
 import aiohttp
 import jiwer
 import numpy as np
-import pytest
 
 from client.wavio import read_wav, write_wav
 from client.ws_client import VoxlensClient
@@ -31,7 +30,7 @@ async def test_recorded_speech_is_transcribed(server: Server, testdata: Path) ->
         await client.start(language="en")
         await client.stream_audio(audio, rate, trailing_silence_ms=1500)
         await client.wait_for(lambda: any(e["type"] == "speech.stopped" for e in client.events)
-                              and _all_finals_in(client), timeout=60)
+                              and _all_finals_in(client), timeout_s=60)
     finals = " ".join(e["text"] for e in client.events
                       if e["type"] == "transcript" and e["final"])
     partials = [e for e in client.events if e["type"] == "transcript" and not e["final"]]
@@ -50,7 +49,7 @@ async def test_spoken_question_gets_a_spoken_answer(server: Server, voice, trans
     audio, rate = speak(voice, "What is the capital of France?")
     async with VoxlensClient(server.ws) as client:
         await client.stream_audio(audio, rate)
-        reply = await client.wait_reply(timeout=60)
+        reply = await client.wait_reply(timeout_s=60)
     assert reply.transcript is not None and "capital of france" in normalise(reply.transcript)
     assert "paris" in reply.text.lower()
     assert reply.metrics["first_audio_sent"] > 0
@@ -65,7 +64,7 @@ async def test_typed_turn_with_chosen_output_rate(server: Server, transcriber) -
         await client.start(output_audio={"sample_rate": 16000})
         assert client.output_rate == 16000
         await client.say("What is the capital of Italy?")
-        reply = await client.wait_reply(timeout=60)
+        reply = await client.wait_reply(timeout_s=60)
     assert "rome" in reply.text.lower()
     assert len(reply.audio) > 16000  # > 0.5 s of 16 kHz s16le
     heard = transcriber(bytes(reply.audio), 16000)
@@ -89,17 +88,17 @@ async def test_malformed_input_is_answered_and_harms_nothing(server: Server) -> 
         for raw, code in BAD_INPUTS:
             before = len(client.errors)
             await client.send_raw(raw)
-            await client.wait_for(lambda b=before: len(client.errors) > b, timeout=10)
+            await client.wait_for(lambda b=before: len(client.errors) > b, timeout_s=10)
             assert client.errors[-1]["code"] == code, (raw[:40], client.errors[-1])
             assert client.errors[-1]["fatal"] is False
         # session.start after the session has started is refused
         await client.say("Say hello.")
-        await client.wait_reply(timeout=60)
+        await client.wait_reply(timeout_s=60)
         await client.send({"type": "session.start"})
-        await client.wait_for(lambda: client.errors[-1]["code"] == "bad_state", timeout=10)
+        await client.wait_for(lambda: client.errors[-1]["code"] == "bad_state", timeout_s=10)
         # both sessions still converse
         await bystander.say("What is two plus two?")
-        reply = await bystander.wait_reply(timeout=60)
+        reply = await bystander.wait_reply(timeout_s=60)
         assert reply.text
         assert not bystander.errors
 
@@ -109,13 +108,14 @@ async def test_disconnect_mid_reply_frees_the_session(server: Server) -> None:
         await client.say("Tell me a long story about a dragon and a knight.")
         await client.wait_for(lambda: any(e["type"] == "reply.text" for e in client.events), 60)
     # the client is gone mid-reply: the server must drop the session promptly
-    for _ in range(50):
-        with urllib.request.urlopen(f"{server.http}/healthz") as r:
-            if json.load(r)["sessions"] == 0:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(50):
+            async with http.get(f"{server.http}/healthz") as r:
+                sessions = (await r.json())["sessions"]
+            if sessions == 0:
                 break
-        await asyncio.sleep(0.1)
-    with urllib.request.urlopen(f"{server.http}/healthz") as r:
-        assert json.load(r)["sessions"] == 0
+            await asyncio.sleep(0.1)
+    assert sessions == 0
 
 
 async def test_oversized_frame_closes_only_that_client(server: Server) -> None:
@@ -130,7 +130,7 @@ async def test_oversized_frame_closes_only_that_client(server: Server) -> None:
             assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
                                 aiohttp.WSMsgType.ERROR)
         await bystander.say("Hello!")
-        assert (await bystander.wait_reply(timeout=60)).text
+        assert (await bystander.wait_reply(timeout_s=60)).text
 
 
 def test_health_reports_models(server: Server) -> None:

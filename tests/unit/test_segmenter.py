@@ -27,7 +27,7 @@ def test_utterance_onset_pause_end_with_padding() -> None:
     kinds = [type(ev).__name__ for _, ev in events]
     assert kinds == ["Onset", "Pause", "End"]
     (i_on, onset), (i_pause, pause), (i_end, end) = events
-    assert isinstance(onset, Onset) and onset.t_ms == round(20 * 32)
+    assert isinstance(onset, Onset) and onset.t_ms == (20 * 32)
     assert i_on == 20 + frames(250) - 1  # confirmed once 250 ms are voiced
     assert isinstance(pause, Pause) and i_pause == 50  # the first silent frame
     assert isinstance(end, End) and end.t_ms == 50 * 32  # end of the last voiced frame
