@@ -46,6 +46,11 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(body, status=503)
 
 
+async def index(request: web.Request) -> web.Response:
+    return web.Response(text="voxlens is running.\n\nWebSocket: /ws (protocol: docs/PROTOCOL.md)\n"
+                        "Health: /healthz\nTry: voxlens talk --text 'Hello!'\n")
+
+
 async def websocket(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     if state.engines is None:
@@ -95,6 +100,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engines
         app[STATE].compute.close()
 
     app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/ws", websocket)
     return app

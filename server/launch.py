@@ -53,16 +53,18 @@ def spawn(args: list[str], log: Path, *, env: dict[str, str] | None = None,
                                 stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early ({proc.returncode}):\n"
-                               f"{log.read_text(errors='replace')[-3000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
                 if r.status == 200:
                     return ServerProcess(port, proc, log)
         except OSError:
             pass
-        time.sleep(0.3)
+        try:  # wait a little, noticing at once if the server died
+            proc.wait(timeout=0.3)
+        except subprocess.TimeoutExpired:
+            continue
+        raise RuntimeError(f"server exited early ({proc.returncode}):\n"
+                           f"{log.read_text(errors='replace')[-3000:]}")
     proc.kill()
     raise RuntimeError(f"server not ready in {timeout_s:.0f} s:\n"
                        f"{log.read_text(errors='replace')[-3000:]}")

@@ -19,6 +19,7 @@ prompt) below ``WhisperModel.transcribe``; the version is pinned in pyproject.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import ctranslate2
 import numpy as np
@@ -52,8 +53,9 @@ class WhisperAsr:
         self._compute = compute
         self._beam_size = beam_size
         self._min_window_s = max(1, min(min_window_s, MAX_WINDOW_S))
+        # a local directory loads as is; any other name is resolved by faster-whisper (hub)
         self._model = WhisperModel(model, device=device, compute_type=compute_type,
-                                   cpu_threads=cpu_threads, local_files_only=True)
+                                   cpu_threads=cpu_threads, local_files_only=Path(model).is_dir())
         self.multilingual = bool(self._model.model.is_multilingual)
         self._tokenizers: dict[str | None, Tokenizer] = {}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -140,3 +142,18 @@ def test_health_reports_models(server: Server) -> None:
     assert body["models"]["asr"] == "faster-whisper:base"
     assert body["models"]["llm"] == "llama.cpp:qwen2.5-0.5b"
     assert np.isfinite(body["sessions"])
+
+
+def test_talk_command_saves_the_reply(server: Server, tmp_path: Path) -> None:
+    out = tmp_path / "reply.wav"
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "talk", "--url", server.ws,
+         "--text", "What is the capital of France?", "--out", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert events[0]["type"] == "session.ready"
+    done = next(e for e in events if e["type"] == "reply.done")
+    assert "paris" in done["text"].lower()
+    audio, rate = read_wav(out)
+    assert rate == 24000 and audio.size > rate // 2
