@@ -58,7 +58,17 @@ if [ "$mode" = serve ]; then
   exec "$VENV/bin/voxlens" serve "$@"
 fi
 
-# ---- test mode: test data that ships inside registry packages
+# ---- test mode: system tools the tests drive (Debian packages), then test data
+need_apt=()
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v ip >/dev/null || need_apt+=(iproute2)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  say "installing ${need_apt[*]} (Debian packages) for the browser and network tests"
+  if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+
 DATA=$CACHE/testdata
 if [ ! -f "$DATA/jfk.wav" ]; then
   say "fetching test speech (jfk.wav from the pywhispercpp 1.5.1 source package)"

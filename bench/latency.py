@@ -84,13 +84,32 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-async def measure(url: str, audio, rate: int) -> tuple[float, dict[str, float], str]:  # type: ignore[no-untyped-def]
+Result = tuple[float, dict[str, float], str]  # voice-to-voice ms, server stages, reply text
+
+
+async def measure(url: str, audio, rate: int) -> Result:  # type: ignore[no-untyped-def]
+    """Over WebSocket (voxlens or a naive endpoint)."""
     from client.ws_client import VoxlensClient
 
     async with VoxlensClient(url) as client:
         voiced_at = await client.stream_audio(audio, rate, trailing_silence_ms=1500)
         reply = await client.wait_reply(timeout_s=60)
     assert reply.first_audio_at is not None, "no reply audio"
+    return (reply.first_audio_at - voiced_at) * 1000, reply.metrics, reply.text
+
+
+async def measure_webrtc(url: str, audio, rate: int) -> Result:  # type: ignore[no-untyped-def]
+    """Over WebRTC: from the microphone frame that ends the voice to the first audible reply
+    frame decoded at the client (Opus both ways, the client's jitter buffer included)."""
+    from client.rtc_client import WebRtcClient
+
+    base = url.replace("ws://", "http://")
+    async with WebRtcClient(base, host_addresses=["127.0.0.1"]) as client:
+        await asyncio.sleep(0.5)  # let ICE/DTLS settle before speaking
+        voiced_at = await client.speak(audio, rate)
+        reply = await client.wait_reply(timeout_s=60)
+        await client.wait_for(lambda: reply.first_audio_at is not None, timeout_s=10)
+    assert reply.first_audio_at is not None
     return (reply.first_audio_at - voiced_at) * 1000, reply.metrics, reply.text
 
 
@@ -103,16 +122,21 @@ async def run(turns: int, base: str) -> None:
     model, config = piper_voice("joe")
     voice = PiperVoice.load(model, config_path=config)
     questions = [(q, *speak(voice, q)) for q in (QUESTIONS * 3)[:turns]]
-    paths = {"streaming": "/ws", "naive": "/naive", "naive-short": "/naive-short"}
-    results: dict[str, list[float]] = {d: [] for d in paths}
-    stages: dict[str, dict[str, list[float]]] = {d: {} for d in paths}
-    for path in paths.values():  # warm every path once
-        await measure(base + path, questions[0][1], questions[0][2])
+    designs = {
+        "streaming": lambda a, r: measure(base + "/ws", a, r),
+        "webrtc": lambda a, r: measure_webrtc(base, a, r),
+        "naive": lambda a, r: measure(base + "/naive", a, r),
+        "naive-short": lambda a, r: measure(base + "/naive-short", a, r),
+    }
+    results: dict[str, list[float]] = {d: [] for d in designs}
+    stages: dict[str, dict[str, list[float]]] = {d: {} for d in designs}
+    for run_design in designs.values():  # warm every path once
+        await run_design(questions[0][1], questions[0][2])
+    names = list(designs)
     for i, (q, audio, rate) in enumerate(questions):
-        designs = list(paths)
-        order = designs[i % 3:] + designs[:i % 3]  # rotate, so no design always goes first
+        order = names[i % len(names):] + names[:i % len(names)]  # no design always goes first
         for design in order:
-            ms, metrics, text = await measure(base + paths[design], audio, rate)
+            ms, metrics, text = await designs[design](audio, rate)
             results[design].append(ms)
             for k, v in metrics.items():
                 stages[design].setdefault(k, []).append(v)
@@ -127,7 +151,8 @@ async def run(turns: int, base: str) -> None:
     for naive in ("naive", "naive-short"):
         ratio = pct(results[naive], .5) / pct(results["streaming"], .5)
         print(f"{naive} / streaming (p50): {ratio:.2f}x")
-    print("naive: whole utterance → Whisper (30 s window) → whole answer → whole TTS → send;\n"
+    print("streaming: voxlens over WebSocket; webrtc: voxlens over WebRTC (Opus, jitter buffer);\n"
+          "naive: whole utterance → Whisper (30 s window) → whole answer → whole TTS → send;\n"
           "naive-short: the same cascade with voxlens's short-window Whisper")
     for design, per_stage in stages.items():
         print(f"\n{design} waterfall (server, median ms after end of speech):")
@@ -145,7 +170,8 @@ def main() -> None:
         return
     from server.launch import spawn
 
-    srv = spawn(["-m", "bench.latency", "--serve"], Path("bench/results/latency-server.log"))
+    srv = spawn(["-m", "bench.latency", "--serve"], Path("bench/results/latency-server.log"),
+                env={"VOXLENS_WEBRTC__HOST_ADDRESSES": '["127.0.0.1"]'})
     try:
         asyncio.run(run(args.turns, f"ws://127.0.0.1:{srv.port}"))
     finally:

@@ -73,36 +73,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_talk(args: argparse.Namespace) -> int:
+    from client.events import EventLog
     from client.wavio import read_wav, write_wav
-    from client.ws_client import VoxlensClient
 
     def show(ev: dict[str, Any]) -> None:
         if ev.get("type") == "reply.text":
             return  # printed whole with reply.done
         print(json.dumps(ev, ensure_ascii=False), flush=True)
 
-    async def talk() -> int:
+    async def converse(client: EventLog, speak: Any, say: Any) -> int:
+        if args.wav:
+            audio, rate = read_wav(args.wav)
+            await speak(audio, rate)
+        if args.text:
+            await say(args.text)
+        reply = await client.wait_reply(timeout_s=args.timeout)
+        if args.out:
+            write_wav(args.out, bytes(reply.audio), client.output_rate)
+            print(f"reply audio saved to {args.out}", file=sys.stderr)
+        return 1 if client.errors else 0
+
+    async def over_websocket() -> int:
+        from client.ws_client import VoxlensClient
+
         async with VoxlensClient(args.url, on_event=show) as client:
             if args.language or args.output_rate:
                 fields: dict[str, Any] = {"language": args.language}
                 if args.output_rate:
                     fields["output_audio"] = {"sample_rate": args.output_rate}
                 await client.start(**fields)
-            if args.wav:
-                audio, rate = read_wav(args.wav)
+
+            async def speak(audio: Any, rate: int) -> None:
                 await client.stream_audio(audio, rate, realtime=not args.fast)
-            if args.text:
-                await client.say(args.text)
-            reply = await client.wait_reply(timeout_s=args.timeout)
-            if args.out:
-                write_wav(args.out, bytes(reply.audio), client.output_rate)
-                print(f"reply audio saved to {args.out}", file=sys.stderr)
-            return 1 if client.errors else 0
+            return await converse(client, speak, client.say)
+
+    async def over_webrtc() -> int:
+        from client.rtc_client import WebRtcClient, camera_track
+
+        base = args.url.replace("ws://", "http://").replace("wss://", "https://")
+        base = base.removesuffix("/ws")
+        camera = camera_track(args.image) if args.image else None
+        async with WebRtcClient(base, camera=camera, language=args.language,
+                                host_addresses=args.ice_host or None, on_event=show) as client:
+            async def say(text: str) -> None:
+                client.say_text(text)
+            return await converse(client, client.speak, say)
 
     if not args.wav and not args.text:
         print("error: give --wav FILE and/or --text TEXT", file=sys.stderr)
         return 2
-    return asyncio.run(talk())
+    return asyncio.run(over_webrtc() if args.transport == "webrtc" else over_websocket())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,13 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("talk", help="talk to a running server over WebSocket")
-    p.add_argument("--url", default="ws://127.0.0.1:8080/ws")
+    p.add_argument("--url", default="ws://127.0.0.1:8080/ws",
+                   help="server address (ws://host:port/ws; for webrtc http://host:port works too)")
     p.add_argument("--wav", type=Path, help="16-bit WAV to stream as the microphone")
     p.add_argument("--text", help="a typed turn")
     p.add_argument("--out", type=Path, help="save the reply audio here (WAV)")
     p.add_argument("--language", help="spoken language, e.g. en (default: detect)")
     p.add_argument("--output-rate", type=int, help="reply audio sample rate")
-    p.add_argument("--fast", action="store_true", help="send the WAV faster than real time")
+    p.add_argument("--fast", action="store_true", help="send the WAV faster than real time (ws)")
+    p.add_argument("--transport", choices=["ws", "webrtc"], default="ws")
+    p.add_argument("--image", type=Path, help="webrtc: an image or video file as the camera")
+    p.add_argument("--ice-host", action="append", metavar="ADDR",
+                   help="webrtc: offer ICE host candidates on this address only (repeatable)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.set_defaults(func=cmd_talk)
 

@@ -41,24 +41,36 @@ class ServerProcess:
             self.proc.wait()
 
 
+def _healthy(port: int, netns: str | None) -> bool:
+    url = f"http://127.0.0.1:{port}/healthz"
+    if netns is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+    probe = f"import urllib.request as u; u.urlopen({url!r}, timeout=2)"
+    return subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", probe],
+                          capture_output=True).returncode == 0
+
+
 def spawn(args: list[str], log: Path, *, env: dict[str, str] | None = None,
-          timeout_s: float = 180) -> ServerProcess:
-    """Run ``python <args>`` with VOXLENS_SERVER__PORT set to a free port; wait for /healthz."""
+          netns: str | None = None, timeout_s: float = 180) -> ServerProcess:
+    """Run ``python <args>`` with VOXLENS_SERVER__PORT set to a free port; wait for /healthz.
+
+    With ``netns`` the server runs inside that network namespace (``ip netns``)."""
     port = free_port()
     log.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "VOXLENS_SERVER__HOST": "127.0.0.1",
                 "VOXLENS_SERVER__PORT": str(port), **(env or {})}
+    prefix = ["ip", "netns", "exec", netns] if netns else []
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, *args], env=full_env, stdout=out,
+        proc = subprocess.Popen([*prefix, sys.executable, *args], env=full_env, stdout=out,
                                 stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-                if r.status == 200:
-                    return ServerProcess(port, proc, log)
-        except OSError:
-            pass
+        if _healthy(port, netns):
+            return ServerProcess(port, proc, log)
         try:  # wait a little, noticing at once if the server died
             proc.wait(timeout=0.3)
         except subprocess.TimeoutExpired:
@@ -70,6 +82,7 @@ def spawn(args: list[str], log: Path, *, env: dict[str, str] | None = None,
                        f"{log.read_text(errors='replace')[-3000:]}")
 
 
-def spawn_server(log: Path, *, env: dict[str, str] | None = None) -> ServerProcess:
+def spawn_server(log: Path, *, env: dict[str, str] | None = None,
+                 netns: str | None = None) -> ServerProcess:
     """``voxlens serve`` with the settings from the environment (plus ``env``)."""
-    return spawn(["-m", "server.cli", "serve"], log, env=env)
+    return spawn(["-m", "server.cli", "serve"], log, env=env, netns=netns)

@@ -77,6 +77,21 @@ class TtsSettings(_Section):
     output_rate: int = Field(24_000, description="default reply audio rate")
 
 
+class IceServer(_Section):
+    urls: list[str] = Field(description="e.g. ['turn:turn.example.org:3478?transport=udp']")
+    username: str | None = None
+    credential: str | None = None
+
+
+class WebRtcSettings(_Section):
+    ice_servers: list[IceServer] = Field(
+        default_factory=list, description="STUN/TURN servers; empty: host candidates only "
+        "(never a public STUN server by default)")
+    host_addresses: list[str] = Field(
+        default_factory=list, description="offer ICE host candidates on these addresses only "
+        "(e.g. ['127.0.0.1'] or the public IP of a 1:1 NAT); empty: every interface")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VOXLENS_", env_nested_delimiter="__",
                                       extra="forbid")
@@ -88,6 +103,7 @@ class Settings(BaseSettings):
     asr: AsrSettings = AsrSettings()
     llm: LlmSettings = LlmSettings()
     tts: TtsSettings = TtsSettings()
+    webrtc: WebRtcSettings = WebRtcSettings()
     log_level: str = "INFO"
 
     @classmethod

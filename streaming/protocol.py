@@ -76,6 +76,37 @@ class SessionEnd(_Message):
     type: Literal["session.end"]
 
 
+MAX_OFFER_BYTES = 128 * 1024
+
+
+class Offer(_Message):
+    """``POST /offer`` body: an SDP offer, plus what ``session.start`` would say."""
+
+    sdp: str = Field(min_length=1, max_length=MAX_OFFER_BYTES)
+    type: Literal["offer"]
+    language: str | None = Field(default=None, min_length=2, max_length=8)
+    instructions: str | None = Field(default=None, max_length=4000)
+
+
+def parse_offer(raw: bytes) -> Offer:
+    """Validate a signalling request body; raises ProtocolError with a clear message."""
+    if len(raw) > MAX_OFFER_BYTES:
+        raise ProtocolError(f"offer of {len(raw)} bytes exceeds the {MAX_OFFER_BYTES}-byte limit",
+                            code="too_large")
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"offer is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise ProtocolError('offer must be a JSON object {"sdp": ..., "type": "offer"}')
+    try:
+        return Offer.model_validate(obj)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "offer"
+        raise ProtocolError(f"invalid offer: {where}: {first['msg']}") from e
+
+
 ClientMessage = Annotated[
     SessionStart | TextTurn | ImageFrame | Playback | Interrupt | SessionEnd,
     Field(discriminator="type"),

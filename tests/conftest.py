@@ -31,7 +31,9 @@ def testdata() -> Path:
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
     """The real server with the default embedded models."""
-    s = spawn_server(ARTIFACTS / "server-default.log")
+    # WebRTC: host candidates on loopback only, so test traffic never leaves 127.0.0.1
+    s = spawn_server(ARTIFACTS / "server-default.log",
+                     env={"VOXLENS_WEBRTC__HOST_ADDRESSES": '["127.0.0.1"]'})
     yield s
     s.stop()
 
@@ -66,3 +68,18 @@ def transcriber():  # type: ignore[no-untyped-def]
         segments, _ = model.transcribe(resample(audio, rate, 16000), language="en", beam_size=1)
         return " ".join(s.text.strip() for s in segments)
     return transcribe
+
+
+async def until(predicate, timeout_s: float = 30, step_s: float = 0.05) -> None:  # type: ignore[no-untyped-def]
+    """Poll ``predicate()`` (sync or async) until it holds; fail after ``timeout_s``."""
+    import asyncio
+    import inspect
+
+    async def check() -> bool:
+        value = predicate()
+        return bool(await value) if inspect.isawaitable(value) else bool(value)
+
+    async def poll() -> None:
+        while not await check():  # noqa: ASYNC110 (the state lives in another process or thread)
+            await asyncio.sleep(step_s)
+    await asyncio.wait_for(poll(), timeout_s)

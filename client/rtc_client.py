@@ -1,0 +1,227 @@
+"""A Python WebRTC client (aiortc): a WAV file as the microphone, an image or video file as
+the camera, reply audio recorded (used by `voxlens talk --transport webrtc`, tests, bench)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import av
+import numpy as np
+import numpy.typing as npt
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaPlayer
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
+
+from client.events import EventLog
+from client.wavio import last_voiced_sample
+from streaming.audio import Float32Array, float_to_pcm16, resample
+from streaming.channels import Channel, Full
+from streaming.webrtc import EVENTS_LABEL, restrict_host_candidates
+
+RATE = 48_000
+FRAME = 960  # 20 ms
+SILENT_PEAK = 64  # a received frame quieter than this (of 32768) counts as silence
+
+
+class MicrophoneTrack(MediaStreamTrack):
+    """Plays queued utterances in real time (20 ms frames at 48 kHz), silence in between."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pcm = bytearray()
+        self._start: float | None = None
+        self._pts = 0
+        self._voiced_end: int | None = None  # byte offset of the current utterance's last voice
+        self.voiced_sent_at: float | None = None  # when that sample went out (monotonic)
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    def say(self, audio: Float32Array, rate: int, trailing_silence_ms: int = 1200) -> None:
+        """Queue an utterance (then silence); ``voiced_sent_at`` is set when its voice ends."""
+        x = resample(audio, rate, RATE)
+        self._voiced_end = len(self._pcm) + 2 * last_voiced_sample(x, RATE)
+        self.voiced_sent_at = None
+        self._pcm.extend(float_to_pcm16(x))
+        self._pcm.extend(bytes(2 * RATE * trailing_silence_ms // 1000))
+        self._drained.clear()
+
+    async def drained(self) -> None:
+        await self._drained.wait()
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        else:
+            self._pts += FRAME
+            delay = self._start + self._pts / RATE - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        chunk = bytes(self._pcm[: 2 * FRAME])
+        del self._pcm[: 2 * FRAME]
+        if self._voiced_end is not None:
+            self._voiced_end -= len(chunk)
+            if self._voiced_end <= 0:
+                self.voiced_sent_at = time.monotonic()
+                self._voiced_end = None
+        if not self._pcm:
+            self._drained.set()
+        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME)
+        frame.planes[0].update(chunk.ljust(2 * FRAME, b"\0"))
+        frame.sample_rate = RATE
+        frame.pts = self._pts
+        frame.time_base = fractions.Fraction(1, RATE)
+        return frame
+
+
+def load_image(path: str | Path) -> npt.NDArray[np.uint8]:
+    """An image file as an RGB array (decoded by FFmpeg through av)."""
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+        return np.asarray(frame.to_ndarray(format="rgb24"), dtype=np.uint8)
+
+
+class ImageTrack(VideoStreamTrack):
+    """A still image (a file, or an RGB array) as a camera, at ``fps`` frames per second."""
+
+    def __init__(self, image: str | Path | npt.NDArray[np.uint8], fps: int = 10) -> None:
+        super().__init__()
+        self.show(image)
+        self._fps = fps
+        self._ticks = 0
+        self._t0: float | None = None
+
+    def show(self, image: str | Path | npt.NDArray[np.uint8]) -> None:
+        """Point the camera at another image."""
+        self._image = image if isinstance(image, np.ndarray) else load_image(image)
+
+    async def recv(self) -> av.VideoFrame:
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        else:
+            self._ticks += 1
+            delay = self._t0 + self._ticks / self._fps - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        frame = av.VideoFrame.from_ndarray(self._image, format="rgb24")
+        frame.pts = self._ticks * 90_000 // self._fps
+        frame.time_base = fractions.Fraction(1, 90_000)
+        return frame
+
+
+def camera_track(path: str | Path) -> MediaStreamTrack:
+    """An image file as a still camera, or a video file played in a loop."""
+    if Path(path).suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp"):
+        return ImageTrack(path)
+    player = MediaPlayer(str(path), loop=True)
+    assert player.video is not None, f"{path} has no video stream"
+    return player.video
+
+
+class WebRtcClient(EventLog):
+    """One WebRTC session against ``POST {base_url}/offer``."""
+
+    def __init__(self, base_url: str, *, camera: MediaStreamTrack | None = None,
+                 language: str | None = None, host_addresses: list[str] | None = None,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+        super().__init__(on_event)
+        self.base_url = base_url.rstrip("/")
+        self.microphone = MicrophoneTrack()
+        self.camera = camera
+        self.language = language
+        self.session_id: str | None = None
+        if host_addresses:
+            restrict_host_candidates(host_addresses)
+        self.pc = RTCPeerConnection()  # no ICE servers: host candidates only
+        self._channel: RTCDataChannel | None = None
+        self._inbox: Channel[str] = Channel(1024, Full.DROP_OLDEST)  # data channel → events
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> WebRtcClient:
+        pc = self.pc
+        self._channel = pc.createDataChannel(EVENTS_LABEL)
+        self._channel.on("message", self._on_message)
+        self._tasks.append(asyncio.create_task(self._read_events()))
+        pc.addTrack(self.microphone)
+        if self.camera is not None:
+            pc.addTrack(self.camera)
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio":
+                self._tasks.append(asyncio.create_task(self._record(track)))
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                await self.mark_closed()
+
+        await pc.setLocalDescription(await pc.createOffer())
+        body = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
+                "language": self.language}
+        async with aiohttp.ClientSession() as http, \
+                http.post(f"{self.base_url}/offer", json=body) as resp:
+            answer = await resp.json()
+            if resp.status != 200:
+                raise ConnectionError(f"offer refused ({resp.status}): {answer}")
+        self.session_id = answer["session_id"]
+        await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+        await self.wait_for(lambda: self.ready is not None, timeout_s=30)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.pc.close()
+        await self.mark_closed()
+
+    def _on_message(self, raw: str | bytes) -> None:
+        if isinstance(raw, str):
+            self._inbox.put_nowait(raw)
+
+    async def _read_events(self) -> None:
+        async for raw in self._inbox:
+            await self.add_event(json.loads(raw))
+
+    async def _record(self, track: MediaStreamTrack) -> None:
+        """Reply audio as 48 kHz mono s16le; silence before a turn's first audio is skipped."""
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                assert isinstance(frame, av.AudioFrame)
+                for out in resampler.resample(frame):
+                    pcm = out.to_ndarray().reshape(-1)
+                    turn = self.turns.get(self._current) if self._current is not None else None
+                    if turn is None or (not turn.audio and np.abs(pcm).max() < SILENT_PEAK):
+                        continue
+                    await self.add_audio(pcm.astype("<i2").tobytes())
+
+    def send(self, message: dict[str, Any]) -> None:
+        assert self._channel is not None
+        self._channel.send(json.dumps(message))
+
+    def say_text(self, text: str) -> None:
+        self.send({"type": "text", "text": text})
+
+    async def speak(self, audio: Float32Array, rate: int) -> float:
+        """Speak an utterance into the microphone; returns when its voice was sent."""
+        self.microphone.say(audio, rate)
+        await self.microphone.drained()
+        assert self.microphone.voiced_sent_at is not None
+        return self.microphone.voiced_sent_at

@@ -1,0 +1,79 @@
+"""WebRTC signalling: ``POST /offer`` → answer; one RTCPeerConnection = one Session."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+
+from pipelines.session import Session
+from server.settings import Settings
+from server.state import STATE, AppState, Busy
+from streaming.errors import ProtocolError
+from streaming.protocol import MAX_OFFER_BYTES, parse_offer
+from streaming.webrtc import OUT_RATE, WebRtcAdapter, restrict_host_candidates
+
+log = logging.getLogger(__name__)
+
+
+def setup_webrtc(settings: Settings) -> None:
+    if settings.webrtc.host_addresses:
+        restrict_host_candidates(settings.webrtc.host_addresses)
+
+
+def _configuration(settings: Settings) -> RTCConfiguration:
+    return RTCConfiguration(iceServers=[
+        RTCIceServer(urls=s.urls, username=s.username, credential=s.credential)
+        for s in settings.webrtc.ice_servers])  # empty: no STUN server, ever, by default
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+async def offer(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if (request.content_length or 0) > MAX_OFFER_BYTES:
+        return _error(413, "too_large", f"offer of {request.content_length} bytes exceeds the "
+                      f"{MAX_OFFER_BYTES}-byte limit")
+    try:
+        req = parse_offer(await request.read())  # aiohttp caps bodies at client_max_size
+    except ProtocolError as e:
+        return _error(413 if e.code == "too_large" else 400, e.code, e.message)
+    try:
+        session = state.open_session()
+    except Busy as e:
+        return _error(503, e.code, e.message)
+    pc = RTCPeerConnection(_configuration(state.settings))
+    adapter = WebRtcAdapter(pc, session)
+    try:
+        session.configure(input_rate=16_000, input_channels=1, output_rate=OUT_RATE,
+                          language=req.language, instructions=req.instructions)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=req.sdp, type="offer"))
+        if not any(t.kind == "audio" for t in adapter.remote_tracks):
+            raise ProtocolError("the offer has no audio track (add a microphone, sendrecv)")
+        pc.addTrack(adapter.reply)
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception as e:  # garbage SDP surfaces as many exception types inside aiortc
+        state.forget(session)
+        await pc.close()
+        message = e.message if isinstance(e, ProtocolError) else f"cannot use this offer: {e}"
+        log.info("offer refused: %s", message)
+        return _error(400, "bad_offer", message)
+    state.supervisor.spawn(_run(state, session, adapter), f"webrtc-{session.session_id}")
+    log.info("session %s opened over WebRTC (%s)", session.session_id, request.remote)
+    return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
+                              "session_id": session.session_id})
+
+
+async def _run(state: AppState, session: Session, adapter: WebRtcAdapter) -> None:
+    """The life of one WebRTC session; ends when the peer or the session goes."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(session.run())
+            await adapter.run()
+    finally:
+        state.forget(session)
+        log.info("session %s closed", session.session_id)

@@ -1,0 +1,78 @@
+"""What the running app holds: settings, engines, the session registry, owned tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from pipelines.compute import Compute
+from pipelines.session import Engines, Session, SessionConfig
+from server.settings import Settings
+from streaming.errors import VoxlensError
+
+log = logging.getLogger(__name__)
+
+
+class Busy(VoxlensError):
+    code = "busy"
+    recoverable = False
+
+
+class Supervisor:
+    """Owns tasks that outlive the request that started them (WebRTC sessions):
+    ``close()`` cancels and awaits every one of them."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    compute: Compute
+    config: SessionConfig
+    engines: Engines | None = None
+    load_error: str | None = None
+    sessions: dict[str, Session] = field(default_factory=dict)
+    supervisor: Supervisor = field(default_factory=Supervisor)
+
+    def open_session(self) -> Session:
+        """A new registered session; raises Busy at the session limit."""
+        if self.engines is None:
+            raise Busy("models are still loading", code="not_ready")
+        if len(self.sessions) >= self.settings.server.max_sessions:
+            raise Busy("the server is at its session limit; try again later")
+        session = Session(uuid.uuid4().hex[:12], self.engines, self.config)
+        self.sessions[session.session_id] = session
+        return session
+
+    def forget(self, session: Session) -> None:
+        session.close()
+        self.sessions.pop(session.session_id, None)
+
+
+STATE = web.AppKey("state", AppState)

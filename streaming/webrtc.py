@@ -1,0 +1,241 @@
+"""The WebRTC transport adapter: aiortc tracks and the "events" data channel ⇄ a session.
+
+Audio in: decoded frames (48 kHz, often stereo) → av's resampler (which reads
+the frame's channel layout) → 16 kHz mono. Audio out: ``ReplyTrack`` paces
+reply audio in real time in 20 ms frames and sends silence when idle; it
+always knows how much reply audio it has sent. Video in: read continuously,
+only the newest frame is kept. The data channel labelled "events" carries the
+WebSocket protocol's JSON events (server → peer) and client messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import fractions
+import logging
+import time
+from collections.abc import Iterable
+
+import aioice.ice
+import av
+import numpy as np
+from aiortc import RTCDataChannel, RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from streaming.errors import ProtocolError, VoxlensError
+from streaming.events import Error, Event, ReplyAudio, ReplyStarted
+from streaming.ports import SessionPort
+from streaming.protocol import (
+    ImageFrame,
+    Interrupt,
+    Playback,
+    SessionEnd,
+    SessionStart,
+    TextTurn,
+    encode_event,
+    parse_client_message,
+)
+
+log = logging.getLogger(__name__)
+
+OUT_RATE = 48_000  # Opus's clock; the session synthesizes straight at this rate
+FRAME_MS = 20
+FRAME_SAMPLES = OUT_RATE * FRAME_MS // 1000
+EVENTS_LABEL = "events"
+PENDING_EVENTS = 256  # events kept while the data channel is not open yet
+
+
+def restrict_host_candidates(addresses: Iterable[str]) -> None:
+    """Offer ICE host candidates on these addresses only (process-wide).
+
+    aioice offers every interface but loopback; a server pinned to one address,
+    and the tests (which must stay on 127.0.0.1), set this.
+    """
+    fixed = list(addresses)
+
+    def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [a for a in fixed if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
+
+    aioice.ice.get_host_addresses = host_addresses
+
+
+class ReplyTrack(MediaStreamTrack):
+    """Outgoing audio: reply PCM (s16le mono, 48 kHz) paced in real time, silence when idle."""
+
+    kind = "audio"
+
+    def __init__(self, max_buffer_ms: int = 2000) -> None:
+        super().__init__()
+        self._buf = bytearray()
+        self._max_bytes = OUT_RATE * 2 * max_buffer_ms // 1000
+        self._room = asyncio.Event()
+        self._room.set()
+        self._start: float | None = None
+        self._pts = 0
+        self.turn_id: int | None = None
+        self.sent_ms = 0.0  # reply audio of ``turn_id`` sent so far
+
+    @property
+    def buffered_ms(self) -> float:
+        return len(self._buf) / 2 * 1000 / OUT_RATE
+
+    def begin_turn(self, turn_id: int) -> None:
+        self.turn_id = turn_id
+        self.sent_ms = 0.0
+
+    async def write(self, pcm: bytes) -> None:
+        """Queue reply audio; waits while more than ``max_buffer_ms`` is queued.
+        Cancelling it queues nothing."""
+        while len(self._buf) >= self._max_bytes:
+            self._room.clear()
+            await self._room.wait()
+        self._buf.extend(pcm)
+
+    def clear(self) -> None:
+        """Drop queued reply audio (the track goes silent at once)."""
+        self._buf.clear()
+        self._room.set()
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        else:
+            self._pts += FRAME_SAMPLES
+            delay = self._start + self._pts / OUT_RATE - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        n = FRAME_SAMPLES * 2
+        chunk = bytes(self._buf[:n])
+        del self._buf[:n]
+        if len(self._buf) < self._max_bytes:
+            self._room.set()
+        if chunk:
+            self.sent_ms += len(chunk) / 2 * 1000 / OUT_RATE
+        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
+        frame.planes[0].update(chunk.ljust(n, b"\0"))
+        frame.sample_rate = OUT_RATE
+        frame.pts = self._pts
+        frame.time_base = fractions.Fraction(1, OUT_RATE)
+        return frame
+
+
+class WebRtcAdapter:
+    """Connects one RTCPeerConnection to one session. Create it before
+    ``setRemoteDescription`` so it sees the peer's tracks and data channel."""
+
+    def __init__(self, pc: RTCPeerConnection, session: SessionPort) -> None:
+        self.pc = pc
+        self.session = session
+        self.reply = ReplyTrack()
+        self.latest_frame: av.VideoFrame | None = None
+        self.frames_received = 0
+        self.remote_tracks: list[MediaStreamTrack] = []
+        self._channel: RTCDataChannel | None = None
+        self._pending: collections.deque[str] = collections.deque(maxlen=PENDING_EVENTS)
+        self._done = asyncio.Event()
+        pc.on("track", self.remote_tracks.append)
+        pc.on("datachannel", self._on_datachannel)
+        pc.on("connectionstatechange", self._on_state)
+
+    def _on_state(self) -> None:
+        log.info("peer %s: %s", self.session.session_id, self.pc.connectionState)
+        if self.pc.connectionState in ("failed", "closed", "disconnected"):
+            self._done.set()
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if channel.label != EVENTS_LABEL:
+            return
+        self._channel = channel
+        channel.on("message", self._on_message)
+        if channel.readyState == "open":
+            self._flush()
+        else:
+            channel.on("open", self._flush)
+
+    def _flush(self) -> None:
+        while self._pending and self._channel is not None:
+            self._channel.send(self._pending.popleft())
+
+    def _send(self, event: Event) -> None:
+        wire = encode_event(event)
+        assert isinstance(wire, str)
+        if self._channel is not None and self._channel.readyState == "open":
+            self._channel.send(wire)
+        else:
+            self._pending.append(wire)
+
+    def _on_message(self, raw: str | bytes) -> None:
+        try:
+            if isinstance(raw, bytes):
+                raise ProtocolError("the events channel takes JSON text only")
+            match parse_client_message(raw):
+                case TextTurn(text=text):
+                    self.session.submit_text(text)
+                case SessionStart():
+                    raise ProtocolError("over WebRTC, send language and instructions with the "
+                                        "offer; media formats are negotiated by WebRTC",
+                                        code="unsupported")
+                case ImageFrame():
+                    raise ProtocolError("camera frames are not supported yet", code="unsupported")
+                case Playback() | Interrupt():
+                    pass  # barge-in bookkeeping arrives with the barge-in work
+                case SessionEnd():
+                    self._done.set()
+        except VoxlensError as e:
+            self._send(Error(e.code, e.message, not e.recoverable))
+
+    async def run(self) -> None:
+        """Pump media and events until the peer leaves, the session ends, or the peer sends
+        ``session.end``. Cancelling it stops the pumps; either way the session is closed,
+        the tracks stopped and the peer connection closed."""
+        self._send(self.session.ready_event())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                pumps = [tg.create_task(self._pump_events())]
+                for track in self.remote_tracks:
+                    pump = self._audio_in(track) if track.kind == "audio" else self._video_in(track)
+                    pumps.append(tg.create_task(pump))
+                await self._done.wait()
+                for task in pumps:
+                    task.cancel()
+        finally:
+            self.session.close()
+            self.reply.stop()
+            for track in self.remote_tracks:
+                track.stop()
+            await self.pc.close()
+
+    async def _pump_events(self) -> None:
+        async for event in self.session.events:
+            match event:
+                case ReplyAudio(pcm=pcm):
+                    await self.reply.write(pcm)
+                case ReplyStarted(turn_id):
+                    self.reply.begin_turn(turn_id)
+                    self._send(event)
+                case _:
+                    self._send(event)
+        self._done.set()  # the session ended on its own
+
+    async def _audio_in(self, track: MediaStreamTrack) -> None:
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=16_000)
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                assert isinstance(frame, av.AudioFrame)
+                for out in resampler.resample(frame):
+                    pcm = out.to_ndarray().reshape(-1)
+                    await self.session.push_audio(pcm.astype(np.float32) / 32768.0)
+
+    async def _video_in(self, track: MediaStreamTrack) -> None:
+        """Keep only the newest frame: reading continuously stops aiortc's queue growing."""
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                assert isinstance(frame, av.VideoFrame)
+                self.latest_frame = frame
+                self.frames_received += 1
