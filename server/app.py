@@ -13,7 +13,7 @@ from aiohttp import web
 from pipelines.compute import Compute
 from pipelines.session import Engines
 from server.engines import build_engines, session_config
-from server.rtc import offer, setup_webrtc
+from server.rtc import offer, setup_webrtc, webrtc_config
 from server.settings import Settings
 from server.state import STATE, AppState, Busy
 from streaming.protocol import MAX_IMAGE_MESSAGE_BYTES
@@ -95,4 +95,5 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engines
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/ws", websocket)
     app.router.add_post("/offer", offer)
+    app.router.add_get("/webrtc/config", webrtc_config)
     return app

@@ -29,6 +29,12 @@ def _configuration(settings: Settings) -> RTCConfiguration:
         for s in settings.webrtc.ice_servers])  # empty: no STUN server, ever, by default
 
 
+async def webrtc_config(request: web.Request) -> web.Response:
+    """The ICE servers browsers should use (the same list the server uses)."""
+    servers = request.app[STATE].settings.webrtc.ice_servers
+    return web.json_response({"iceServers": [s.model_dump(exclude_none=True) for s in servers]})
+
+
 def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status)
 

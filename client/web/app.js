@@ -165,7 +165,9 @@ async function connect() {
     setState("error", "no microphone");
     return;
   }
-  pc = new RTCPeerConnection({ iceServers: [] });
+  let iceServers = [];  // the server's list (empty by default: no STUN server is ever assumed)
+  try { iceServers = (await (await fetch("/webrtc/config")).json()).iceServers || []; } catch (e) { /* keep none */ }
+  pc = new RTCPeerConnection({ iceServers });
   channel = pc.createDataChannel("events");
   channel.onmessage = (m) => onEvent(JSON.parse(m.data));
   pc.addTransceiver(micStream.getAudioTracks()[0], { direction: "sendrecv", streams: [micStream] });
