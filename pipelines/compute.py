@@ -1,110 +1,171 @@
-"""The one place model work is queued.
+"""The one place model work is queued and run: lanes of worker threads under one policy.
 
-Each engine kind runs on its own *lane*: a worker thread that takes the most
-urgent job first (lower ``Priority`` value first, then first come). Awaiting
-callers that are cancelled before their job starts remove it from the queue;
-a job already running is abandoned (its result dropped) and, for streaming
-jobs, stopped between two items.
+Each engine kind runs on its own *lane* (``asr``, ``llm``, ``tts`` …): a worker
+thread whose queue follows ``scheduling.Policy`` — most urgent class first,
+fair between sessions, superseded or expired work dropped, batchable work
+handed out together (after a gathering window of a few ms at most). Callers
+cancelled before their work starts remove it; running work is abandoned (its
+result dropped) and streaming work (LLM tokens) stops before its next item.
 
 Lanes share the cores, so priority also holds *across* lanes: while urgent
-work (``Priority.URGENT`` and above: a final transcript, a reply's first audio)
-runs on any lane, streaming jobs of lower priority (LLM token loops) wait
-between two items instead of competing for the cores.
+work (``URGENT`` and above: a final transcript, a reply's first audio) runs on
+any lane, streaming work of lower priority waits between two items.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
-import heapq
-import itertools
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from pipelines.metrics import ComputeMetrics
+from pipelines.scheduling import URGENT, Admission, Policy, Priority, State, Work
+from streaming.errors import VoxlensError
+
 T = TypeVar("T")
+R = TypeVar("R")
+
+__all__ = ["URGENT", "Compute", "Dropped", "Priority"]
 
 
-class Priority(enum.IntEnum):
-    """Work classes, most urgent first."""
+class Dropped(VoxlensError):
+    """The work was superseded by newer work or expired before it could run."""
 
-    ASR_FINAL = 0
-    TTS_FIRST = 1
-    LLM = 2
-    TTS_REST = 3
-    ASR_PARTIAL = 4
-    VISION = 5
+    code = "stale"
 
 
-URGENT = Priority.TTS_FIRST  # this and more urgent work pauses streaming jobs on other lanes
-
-
-@dataclass(order=True)
-class _Job:
-    priority: int
-    seq: int
-    run: Callable[[], None] = field(compare=False)
-    cancelled: bool = field(default=False, compare=False)
+@dataclass(eq=False)
+class _Job(Work):
+    future: Future[Any] = field(default_factory=Future)
+    fn: Callable[[], Any] | None = None  # single work
+    item: Any = None  # batchable work: its item, and the function that runs a batch of items
+    batch_fn: Callable[[list[Any]], Sequence[Any]] | None = None
 
 
 class Lane:
-    """One worker thread with a priority queue of jobs."""
+    """One worker thread and its policy."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, compute: Compute, max_batch: int, gather_s: float) -> None:
         self.name = name
-        self._heap: list[_Job] = []
+        self._compute = compute
+        self._policy = Policy(max_batch)
+        self._gather_s = gather_s
         self._cv = threading.Condition()
-        self._seq = itertools.count()
         self._stopped = False
         self._thread = threading.Thread(target=self._work, name=f"lane-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, priority: int, run: Callable[[], None]) -> _Job:
-        job = _Job(priority, next(self._seq), run)
+    def submit(self, job: _Job) -> None:
         with self._cv:
             if self._stopped:
                 raise RuntimeError(f"lane {self.name} is stopped")
-            heapq.heappush(self._heap, job)
+            stale = self._policy.add(job, time.monotonic())
             self._cv.notify()
-        return job
+        self._drop(stale)
+
+    def cancel(self, job: _Job) -> None:
+        with self._cv:
+            removed = self._policy.cancel(job)
+        if removed:
+            self._compute.metrics.cancelled(self.name, job.priority)
+        job.future.cancel()
 
     def queued(self) -> int:
         with self._cv:
-            return sum(not j.cancelled for j in self._heap)
+            return len(self._policy)
+
+    def _drop(self, jobs: Sequence[Work]) -> None:
+        for job in jobs:
+            assert isinstance(job, _Job)
+            self._compute.metrics.stale(self.name, job.priority)
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(Dropped("superseded or expired before it could run"))
+
+    def _take(self) -> list[_Job] | None:
+        with self._cv:
+            while not self._stopped and not len(self._policy):
+                self._cv.wait()
+            if self._stopped:
+                return None
+            now = time.monotonic()
+            stale = self._policy.expire(now)
+            batch = self._policy.next(now)
+            if batch and batch[0].batch_key is not None and self._gather_s > 0:
+                until = now + self._gather_s  # a lone request waits this long at most
+                while len(batch) < self._policy.max_batch and (left := until - time.monotonic()) > 0:
+                    self._cv.wait(left)
+                    batch += self._policy.mates(batch)
+        self._drop(stale)
+        return [j for j in batch if isinstance(j, _Job)]
 
     def _work(self) -> None:
-        while True:
-            with self._cv:
-                while not self._heap and not self._stopped:
-                    self._cv.wait()
-                if self._stopped and not self._heap:
-                    return
-                job = heapq.heappop(self._heap)
-            if not job.cancelled:
-                job.run()
+        while (batch := self._take()) is not None:
+            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            start = time.monotonic()
+            for job in live:
+                self._compute.metrics.waited(self.name, job.priority, start - job.enqueued_at)
+                if job.priority <= Priority.LLM:
+                    self._compute.admission.record(start - job.enqueued_at, start)
+            self._compute.run_job(live[0].priority, lambda b=live: self._run(b))  # type: ignore[misc]
+            self._compute.metrics.ran(self.name, live[0].priority, time.monotonic() - start,
+                                      len(live))
+
+    @staticmethod
+    def _run(batch: list[_Job]) -> None:
+        try:
+            if batch[0].batch_fn is not None:
+                results = batch[0].batch_fn([j.item for j in batch])
+                for job, result in zip(batch, results, strict=True):
+                    job.future.set_result(result)
+            else:
+                assert batch[0].fn is not None
+                batch[0].future.set_result(batch[0].fn())
+        except BaseException as e:  # handed to every awaiting coroutine
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(e)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Drop queued jobs and wait (up to ``timeout``) for the running one to finish."""
+        """Drop queued work and wait (up to ``timeout``) for the running work to finish."""
         with self._cv:
             self._stopped = True
-            for job in self._heap:
-                job.cancelled = True
             self._cv.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
 
 class Compute:
-    """Lanes by engine kind. Shared by every session of the process."""
+    """Lanes by engine kind, shared by every session of the process."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_batch: int = 4, gather_ms: float = 3.0,
+                 admission_wait_ms: float = 1000.0, metrics: ComputeMetrics | None = None,
+                 ) -> None:
         self._lanes: dict[str, Lane] = {}
-        self._urgent = 0  # urgent jobs running now, on any lane
+        self._max_batch = max_batch
+        self._gather_s = gather_ms / 1000
+        self.metrics = metrics or ComputeMetrics()
+        self.admission = Admission(admission_wait_ms / 1000)
+        self._urgent = 0  # urgent work running now, on any lane
         self._urgent_cv = threading.Condition()
+        self._lock = threading.Lock()
 
-    def _run_job(self, priority: Priority, body: Callable[[], None]) -> None:
+    def lane(self, name: str) -> Lane:
+        with self._lock:
+            if name not in self._lanes:
+                self._lanes[name] = Lane(name, self, self._max_batch, self._gather_s)
+            return self._lanes[name]
+
+    def saturated(self) -> bool:
+        """Whether urgent work has been waiting too long lately (admission control)."""
+        return self.admission.saturated(time.monotonic())
+
+    def run_job(self, priority: Priority, body: Callable[[], None]) -> None:
         if priority > URGENT:
             body()
             return
@@ -122,42 +183,45 @@ class Compute:
         with self._urgent_cv:
             self._urgent_cv.wait_for(lambda: self._urgent == 0, timeout)
 
-    def lane(self, name: str) -> Lane:
-        if name not in self._lanes:
-            self._lanes[name] = Lane(name)
-        return self._lanes[name]
-
-    async def call(self, lane: str, priority: Priority, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on a lane's worker thread and return its result.
-
-        Cancelling this coroutine removes a job that has not started; a running
-        job finishes in its thread and its result is dropped.
-        """
-        fut: Future[T] = Future()
-
-        def body() -> None:
-            if not fut.set_running_or_notify_cancel():
-                return
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as e:  # handed to the awaiting coroutine
-                fut.set_exception(e)
-
-        job = self.lane(lane).submit(priority, lambda: self._run_job(priority, body))
+    async def _await(self, lane: Lane, job: _Job) -> Any:
+        lane.submit(job)
         try:
-            return await asyncio.wrap_future(fut)
+            return await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:
-            job.cancelled = True
-            fut.cancel()
+            lane.cancel(job)
             raise
 
-    async def iterate(
-        self, lane: str, priority: Priority, make: Callable[[], Iterator[T]]
-    ) -> AsyncIterator[T]:
+    async def call(self, lane: str, priority: Priority, fn: Callable[..., T], *args: Any,
+                   session: str | None = None, key: Hashable | None = None,
+                   deadline_s: float | None = None) -> T:
+        """Run ``fn(*args)`` on a lane's worker thread and return its result.
+
+        ``key``: newer work with the same key supersedes this while queued;
+        ``deadline_s``: drop it if it waited longer (both raise ``Dropped``).
+        Cancelling this coroutine removes work that has not started; running
+        work finishes in its thread and its result is dropped.
+        """
+        job = _Job(priority, session, key, _deadline(deadline_s), fn=lambda: fn(*args))
+        result: T = await self._await(self.lane(lane), job)
+        return result
+
+    async def call_batch(self, lane: str, priority: Priority, item: Any,
+                         batch_fn: Callable[[list[Any]], Sequence[R]], *, batch_key: Hashable,
+                         session: str | None = None, key: Hashable | None = None,
+                         deadline_s: float | None = None) -> R:
+        """Like ``call``, for an engine with a batch call: ``batch_fn(items)`` returns one
+        result per item, and queued work with the same ``batch_key`` runs together."""
+        job = _Job(priority, session, key, _deadline(deadline_s), batch_key=batch_key,
+                   item=item, batch_fn=batch_fn)
+        result: R = await self._await(self.lane(lane), job)
+        return result
+
+    async def iterate(self, lane: str, priority: Priority, make: Callable[[], Iterator[T]],
+                      *, session: str | None = None) -> AsyncIterator[T]:
         """Drain the iterator ``make()`` on a lane's worker, yielding its items as they come.
 
-        Closing or cancelling the consumer removes a job that has not started,
-        and stops a running one before its next item. Items are handed over in
+        Closing or cancelling the consumer removes work that has not started,
+        and stops running work before its next item. Items are handed over in
         a queue bounded by the iterator itself (callers bound their generators,
         e.g. an LLM's max_tokens).
         """
@@ -171,7 +235,7 @@ class Compute:
             except RuntimeError:  # loop closed: nobody is listening any more
                 stop.set()
 
-        def body() -> None:
+        def drain() -> None:
             try:
                 it = make()
                 try:
@@ -191,7 +255,9 @@ class Compute:
             except BaseException as e:
                 put("error", e)
 
-        job = self.lane(lane).submit(priority, lambda: self._run_job(priority, body))
+        job = _Job(priority, session, fn=drain)
+        target = self.lane(lane)
+        target.submit(job)
         try:
             while True:
                 kind, value = await items.get()
@@ -202,9 +268,14 @@ class Compute:
                 else:
                     raise value
         finally:
-            job.cancelled = True
             stop.set()
+            if job.state is State.QUEUED:
+                target.cancel(job)
 
     def close(self) -> None:
         for lane in self._lanes.values():
             lane.stop()
+
+
+def _deadline(seconds: float | None) -> float | None:
+    return None if seconds is None else time.monotonic() + seconds

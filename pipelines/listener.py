@@ -3,8 +3,8 @@
 Streaming ASR design (docs/ARCHITECTURE.md, "Streaming ASR"):
 
 * Partials: while the person speaks, the utterance so far is transcribed every
-  ``partial_interval_ms`` of audio, one request at a time, at the lowest ASR
-  priority; a partial still queued when a newer one is due is dropped.
+  ``partial_interval_ms`` of audio at the lowest ASR priority; a partial still
+  queued when the next one is due is superseded and dropped unrun.
 * Speculative final: at the first silent frame after speech (the segmenter's
   Pause), the final decode of the utterance starts at once, at the highest
   priority, while the endpoint's silence window (default 500 ms) runs. If the
@@ -31,7 +31,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pipelines.compute import Priority
+from pipelines.compute import Dropped, Priority
 from pipelines.engines.base import Asr, AsrResult, Vad
 from pipelines.segmenter import End, Onset, Pause, Resume, Segmenter, SegmenterConfig
 from streaming.audio import MODEL_RATE, Float32Array
@@ -114,7 +114,9 @@ class _Utterance:
 class Listener:
     def __init__(self, vad: Vad, asr: Asr, conversation: Conversation,
                  config: ListenerConfig = ListenerConfig(), *, language: str | None = None,
+                 session_id: str | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        self.session_id = session_id
         self._vad = vad.new_stream()
         self._frame = vad.frame_samples
         self._asr = asr
@@ -180,8 +182,8 @@ class Listener:
         if utt is None or self._seg.paused:
             return
         due = self._samples - utt.partial_at >= self.config.partial_interval_ms * MODEL_RATE // 1000
-        if not due or (utt.partial and not utt.partial.done()):
-            return  # one partial at a time: a busy lane drops the ones in between
+        if not due:
+            return
         audio = self._seg.audio()
         if audio.size < self.config.partial_min_ms * MODEL_RATE // 1000:
             return
@@ -189,9 +191,14 @@ class Listener:
         utt.partial = tg.create_task(self._partial(utt, audio))
 
     async def _partial(self, utt: _Utterance, audio: Float32Array) -> None:
+        """A partial transcript. A newer partial of this session supersedes it while it is
+        still queued (the scheduler drops it unrun: it would be stale)."""
         try:
-            result = await self._asr.transcribe(audio, language=utt.language,
-                                                priority=Priority.ASR_PARTIAL)
+            result = await self._asr.transcribe(
+                audio, language=utt.language, priority=Priority.ASR_PARTIAL,
+                session=self.session_id, key=("partial", self.session_id))
+        except Dropped:
+            return
         except VoxlensError as e:
             self._conv.on_error(e)
             return
@@ -202,7 +209,7 @@ class Listener:
 
     async def _speculate(self, utt: _Utterance, audio: Float32Array, voiced_ms: int) -> AsrResult:
         result = await self._asr.transcribe(audio, language=utt.language,
-                                            priority=Priority.ASR_FINAL)
+                                            priority=Priority.ASR_FINAL, session=self.session_id)
         if self._utt is utt and self._seg.paused and not is_hallucination(result, voiced_ms):
             self._conv.on_tentative(utt.turn_id, result.text, result.language)
         return result
@@ -217,7 +224,8 @@ class Listener:
                 result = await utt.speculation
             else:
                 result = await self._asr.transcribe(audio, language=utt.language,
-                                                    priority=Priority.ASR_FINAL)
+                                                    priority=Priority.ASR_FINAL,
+                                                    session=self.session_id)
         except VoxlensError as e:
             self._conv.on_error(e)
             self._conv.on_final(utt.turn_id, None, None, speech_end)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pipelines.compute import Dropped
 from pipelines.engines.base import Asr, ChatMessage, Llm, Tts, Vad
 from pipelines.history import History
 from pipelines.listener import Listener, ListenerConfig
@@ -88,6 +89,7 @@ class Session:
         self._held_task: asyncio.Task[None] | None = None
         self._playing: asyncio.Task[None] | None = None
         self._prefill: asyncio.Task[None] | None = None
+        self.on_metrics: Callable[[dict[str, float]], None] | None = None  # turn stage timings
         self._listener: Listener | None = None
 
     # ---- SessionPort ------------------------------------------------------------------
@@ -131,7 +133,7 @@ class Session:
         of the session; the event channel is closed on the way out."""
         self._listener = Listener(self.engines.vad, self.engines.asr, self,
                                   self.config.listener, language=self.config.language,
-                                  clock=self.clock)
+                                  session_id=self.session_id, clock=self.clock)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -180,13 +182,15 @@ class Session:
     def on_partial(self, turn_id: int, text: str, language: str | None) -> None:
         self._emit(Transcript(turn_id, text, False, language))
         # warm the LLM with the prompt so far: the final prompt starts the same way
-        if self._tg is not None and (self._prefill is None or self._prefill.done()):
+        if self._tg is not None:
             prompt = self.history.prompt(self.config.system_prompt, text)
             self._prefill = self._tg.create_task(self._prefill_llm(prompt))
 
     async def _prefill_llm(self, prompt: list[ChatMessage]) -> None:
         try:
-            await self.engines.llm.prefill(prompt)
+            await self.engines.llm.prefill(prompt, session=self.session_id)
+        except Dropped:
+            pass  # a newer partial's prefill replaced it
         except VoxlensError as e:
             log.warning("LLM prefill failed: %s", e.message)
 
@@ -230,7 +234,8 @@ class Session:
             raise ProtocolError("session is not running", code="bad_state")
         turn = Turn(turn_id, user_text, self.history.prompt(self.config.system_prompt, user_text),
                     self.engines.llm, self.engines.tts, self.events, self.config.output_rate,
-                    self.config.turn, self.clock)
+                    self.config.turn, self.clock, session_id=self.session_id,
+                    on_metrics=self.on_metrics)
         task = self._tg.create_task(self._run_turn(turn))
         if held:
             self._held, self._held_task = turn, task

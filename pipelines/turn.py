@@ -46,6 +46,8 @@ class Turn:
     output_rate: int
     config: TurnConfig = field(default_factory=TurnConfig)
     clock: Callable[[], float] = time.monotonic
+    session_id: str | None = None
+    on_metrics: Callable[[dict[str, float]], None] | None = None
     text: str = ""  # reply text generated so far
     spoken: list[SpokenChunk] = field(default_factory=list)  # chunks whose audio was sent
     released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -77,7 +79,8 @@ class Turn:
 
     async def _generate(self, outbox: Channel[ReplyText | ReplyAudio], chunks: Channel[str]) -> None:
         chunker = Chunker(self.config.first_chunk_words)
-        deltas = self.llm.stream(self.messages, max_tokens=self.config.max_tokens)
+        deltas = self.llm.stream(self.messages, max_tokens=self.config.max_tokens,
+                                 session=self.session_id)
         try:
             async for delta in deltas:
                 self._mark("llm_first_token")
@@ -99,7 +102,7 @@ class Turn:
         try:
             async for chunk in chunks:
                 prio = Priority.TTS_FIRST if first else Priority.TTS_REST
-                audio = await self.tts.synthesize(chunk, priority=prio)
+                audio = await self.tts.synthesize(chunk, priority=prio, session=self.session_id)
                 first = False
                 self._mark("tts_first_audio")
                 audio = resample(audio, self.tts.sample_rate, self.output_rate)
@@ -123,6 +126,8 @@ class Turn:
         await self.events.put(ReplyDone(self.turn_id, self.text.strip()))
         base = self.speech_end if self.speech_end is not None else self.clock()
         stages = {k: (v - base) * 1000 for k, v in self.marks.items()}
+        if self.on_metrics is not None:
+            self.on_metrics(stages)
         await self.events.put(Metrics(self.turn_id, stages))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipelines.compute import Compute
 from pipelines.session import Engines
@@ -30,6 +31,13 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(WEB_DIR / "index.html")
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format: lanes (queue wait, run time, batch size, stale and cancelled
+    work), turn stage latencies, sessions."""
+    body = request.app[STATE].compute.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def healthz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body: dict[str, Any] = {"ready": state.engines is not None, "sessions": len(state.sessions),
@@ -49,7 +57,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(max_msg_size=MAX_IMAGE_MESSAGE_BYTES + 65536, heartbeat=30)
     await ws.prepare(request)
     try:
-        session = state.open_session()
+        session = state.open_session("ws")
     except Busy as e:
         await ws.send_json({"type": "error", "code": e.code, "message": e.message, "fatal": True})
         await ws.close(code=1013, message=b"busy")
@@ -79,7 +87,10 @@ async def _load_engines(app: web.Application, factory: EngineFactory) -> None:
 def create_app(settings: Settings, engine_factory: EngineFactory = build_engines) -> web.Application:
     """The HTTP app. Models load in a worker thread after start-up; /healthz says when ready."""
     app = web.Application(client_max_size=1024 * 1024)
-    app[STATE] = AppState(settings, Compute(), session_config(settings))
+    sched = settings.scheduler
+    compute = Compute(max_batch=sched.max_batch, gather_ms=sched.gather_ms,
+                      admission_wait_ms=sched.admission_wait_ms)
+    app[STATE] = AppState(settings, compute, session_config(settings))
     setup_webrtc(settings)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -93,6 +104,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engines
     app.router.add_get("/", index)
     app.router.add_static("/static", WEB_DIR)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/ws", websocket)
     app.router.add_post("/offer", offer)
     app.router.add_get("/webrtc/config", webrtc_config)

@@ -49,7 +49,7 @@ async def offer(request: web.Request) -> web.Response:
     except ProtocolError as e:
         return _error(413 if e.code == "too_large" else 400, e.code, e.message)
     try:
-        session = state.open_session()
+        session = state.open_session("webrtc")
     except Busy as e:
         return _error(503, e.code, e.message)
     pc = RTCPeerConnection(_configuration(state.settings))

@@ -77,6 +77,15 @@ class TtsSettings(_Section):
     output_rate: int = Field(24_000, description="default reply audio rate")
 
 
+class SchedulerSettings(_Section):
+    max_batch: int = Field(4, ge=1, description="most items an engine runs as one batch "
+                           "(CPU: small, a batch cannot be interrupted; GPU: 16 or more)")
+    gather_ms: float = Field(3.0, ge=0, le=50, description="longest a lone batchable request "
+                             "waits for company")
+    admission_wait_ms: float = Field(1000.0, gt=0, description="refuse new sessions while "
+                                     "urgent work waited longer than this on average (10 s)")
+
+
 class IceServer(_Section):
     urls: list[str] = Field(description="e.g. ['turn:turn.example.org:3478?transport=udp']")
     username: str | None = None
@@ -104,6 +113,7 @@ class Settings(BaseSettings):
     llm: LlmSettings = LlmSettings()
     tts: TtsSettings = TtsSettings()
     webrtc: WebRtcSettings = WebRtcSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
     log_level: str = "INFO"
 
     @classmethod

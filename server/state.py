@@ -58,21 +58,31 @@ class AppState:
     engines: Engines | None = None
     load_error: str | None = None
     sessions: dict[str, Session] = field(default_factory=dict)
+    transports: dict[str, str] = field(default_factory=dict)  # session id → "ws" | "webrtc"
     supervisor: Supervisor = field(default_factory=Supervisor)
 
-    def open_session(self) -> Session:
-        """A new registered session; raises Busy at the session limit."""
+    def open_session(self, transport: str) -> Session:
+        """A new registered session; raises Busy at the session limit or when the machine is
+        saturated (urgent model work already waits too long)."""
         if self.engines is None:
             raise Busy("models are still loading", code="not_ready")
         if len(self.sessions) >= self.settings.server.max_sessions:
+            self.compute.metrics.refused.inc()
             raise Busy("the server is at its session limit; try again later")
+        if self.compute.saturated():
+            self.compute.metrics.refused.inc()
+            raise Busy("the server is saturated; try again in a moment")
         session = Session(uuid.uuid4().hex[:12], self.engines, self.config)
+        session.on_metrics = self.compute.metrics.turn
         self.sessions[session.session_id] = session
+        self.transports[session.session_id] = transport
+        self.compute.metrics.sessions.labels(transport).inc()
         return session
 
     def forget(self, session: Session) -> None:
         session.close()
-        self.sessions.pop(session.session_id, None)
+        if self.sessions.pop(session.session_id, None) is not None:
+            self.compute.metrics.sessions.labels(self.transports.pop(session.session_id)).dec()
 
 
 STATE = web.AppKey("state", AppState)

@@ -8,7 +8,9 @@ takes shorter inputs, so an utterance is encoded in the smallest window of
 on our test speech, while 10 s windows started to make mistakes (measured,
 bench/README.md). ``min_window_s = 30`` restores Whisper's stock behaviour.
 
-Decoding is greedy (or beam search), timestamp-free, one utterance per call.
+Decoding is greedy (or beam search) and timestamp-free. Utterances of several
+sessions that wait on the lane together, with the same window, are encoded
+and decoded as one batch.
 With no language given, the language is detected from the same encoder
 output, so detection costs no second encoder pass.
 
@@ -19,6 +21,7 @@ prompt) below ``WhisperModel.transcribe``; the version is pinned in pyproject.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from pathlib import Path
 
 import ctranslate2
@@ -60,14 +63,19 @@ class WhisperAsr:
         self._tokenizers: dict[str | None, Tokenizer] = {}
 
     async def transcribe(
-        self, audio: Float32Array, *, language: str | None, priority: Priority
+        self, audio: Float32Array, *, language: str | None, priority: Priority,
+        session: str | None = None, key: Hashable | None = None,
     ) -> AsrResult:
-        """Transcribe on the ``asr`` lane. Cancelling drops a request that has not started."""
-        return await self._compute.call("asr", priority, self._run, audio, language)
+        """Transcribe on the ``asr`` lane, batched with other sessions' utterances of the same
+        window size that are queued at the same priority. Cancelling drops queued work."""
+        window = self._window_s(audio.size / MODEL_RATE)
+        return await self._compute.call_batch(
+            "asr", priority, (audio, language), self._run, batch_key=("whisper", window),
+            session=session, key=key)
 
     def warm_up(self) -> None:
         """One decode, so the first user does not pay for lazy initialisation."""
-        self._run(np.zeros(MODEL_RATE, dtype=np.float32), "en")
+        self._run([(np.zeros(MODEL_RATE, dtype=np.float32), "en")])
 
     def _window_s(self, seconds: float) -> int:
         step = 5
@@ -80,37 +88,42 @@ class WhisperAsr:
                                                    task="transcribe", language=language)
         return self._tokenizers[language]
 
-    def _run(self, audio: Float32Array, language: str | None) -> AsrResult:
+    def _run(self, items: list[tuple[Float32Array, str | None]]) -> list[AsrResult]:
         try:
-            return self._decode(audio, language)
+            return self._decode(items)
         except Exception as e:
             raise EngineError(f"whisper failed: {e}") from e
 
-    def _decode(self, audio: Float32Array, language: str | None) -> AsrResult:
+    def _decode(self, items: list[tuple[Float32Array, str | None]]) -> list[AsrResult]:
+        """One encoder pass and one decoding call for a batch of utterances."""
         model = self._model
-        seconds = audio.size / MODEL_RATE
+        seconds = max(audio.size for audio, _ in items) / MODEL_RATE
         window = self._window_s(seconds)
-        padded = np.zeros(window * MODEL_RATE, dtype=np.float32)
-        n = min(audio.size, padded.size)
-        padded[:n] = audio[:n]
-        features = model.feature_extractor(padded)[:, : window * FRAMES_PER_S]
+        batch = []
+        for audio, _ in items:
+            padded = np.zeros(window * MODEL_RATE, dtype=np.float32)
+            n = min(audio.size, padded.size)
+            padded[:n] = audio[:n]
+            batch.append(model.feature_extractor(padded)[:, : window * FRAMES_PER_S])
         encoded = model.model.encode(
-            ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None])),
+            ctranslate2.StorageView.from_array(np.ascontiguousarray(np.stack(batch))),
             to_cpu=False)
-        if not self.multilingual:
-            language = "en"
-        elif language is None:
-            ranked = model.model.detect_language(encoded)[0]
-            language = ranked[0][0][2:-2]  # "<|en|>" → "en"
-        tokenizer = self._tokenizer(language)
-        prompt = model.get_prompt(tokenizer, [], without_timestamps=True)
-        result = model.model.generate(
-            encoded, [prompt], beam_size=self._beam_size, return_scores=True,
+        languages = [lang if self.multilingual else "en" for _, lang in items]
+        if any(lang is None for lang in languages):
+            ranked = model.model.detect_language(encoded)
+            languages = [lang or r[0][0][2:-2] for lang, r in zip(languages, ranked, strict=True)]
+        tokenizers = [self._tokenizer(lang) for lang in languages]
+        prompts = [model.get_prompt(t, [], without_timestamps=True) for t in tokenizers]
+        results = model.model.generate(
+            encoded, prompts, beam_size=self._beam_size, return_scores=True,
             return_no_speech_prob=True, suppress_blank=True,
-            suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
-            max_length=len(prompt) + int(12 * seconds) + 16,  # speech runs < 6 tokens/s
-        )[0]
-        tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
-        text = tokenizer.decode(tokens).strip()
-        avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1) if tokens else -10.0
-        return AsrResult(text, language, float(result.no_speech_prob), float(avg_logprob))
+            suppress_tokens=get_suppressed_tokens(tokenizers[0], [-1]),
+            max_length=max(len(p) for p in prompts) + int(12 * seconds) + 16,  # < 6 tokens/s
+        )
+        out = []
+        for result, tokenizer, language in zip(results, tokenizers, languages, strict=True):
+            tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
+            text = tokenizer.decode(tokens).strip()
+            avg = result.scores[0] * len(tokens) / (len(tokens) + 1) if tokens else -10.0
+            out.append(AsrResult(text, language, float(result.no_speech_prob), float(avg)))
+        return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -34,9 +34,11 @@ class Asr(Protocol):
     name: str
 
     async def transcribe(
-        self, audio: Float32Array, *, language: str | None, priority: Priority
+        self, audio: Float32Array, *, language: str | None, priority: Priority,
+        session: str | None = None, key: Hashable | None = None,
     ) -> AsrResult:
-        """Transcribe 16 kHz mono audio. Cancelling it drops the request (see Compute.call)."""
+        """Transcribe 16 kHz mono audio. ``session`` is for fairness; queued work with the same
+        ``key`` is superseded by this (it raises Dropped). Cancelling drops a queued request."""
         ...
 
 
@@ -49,13 +51,14 @@ class ChatMessage:
 class Llm(Protocol):
     name: str
 
-    def stream(self, messages: Sequence[ChatMessage], *, max_tokens: int) -> AsyncIterator[str]:
+    def stream(self, messages: Sequence[ChatMessage], *, max_tokens: int,
+               session: str | None = None) -> AsyncIterator[str]:
         """Text deltas of the assistant's reply. Closing the iterator stops generation."""
         ...
 
     def count_tokens(self, text: str) -> int: ...
 
-    async def prefill(self, messages: Sequence[ChatMessage]) -> None:
+    async def prefill(self, messages: Sequence[ChatMessage], *, session: str | None = None) -> None:
         """Optionally pre-compute the prompt's KV cache (a prompt that starts the same way
         later costs only its new tokens). Background work; may do nothing."""
         ...
@@ -65,7 +68,8 @@ class Tts(Protocol):
     name: str
     sample_rate: int
 
-    async def synthesize(self, text: str, *, priority: Priority) -> Float32Array:
+    async def synthesize(self, text: str, *, priority: Priority,
+                         session: str | None = None) -> Float32Array:
         """Mono float32 audio at ``sample_rate`` for one chunk of text. Cancelling drops it."""
         ...
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -41,7 +41,8 @@ class FakeAsr:
         self.calls: list[tuple[int, Priority]] = []  # (samples, priority)
 
     async def transcribe(self, audio: Float32Array, *, language: str | None,
-                         priority: Priority) -> AsrResult:
+                         priority: Priority, session: str | None = None,
+                         key: Hashable | None = None) -> AsrResult:
         self.calls.append((audio.size, priority))
         await asyncio.sleep(self.latency_s)
         text = self._text(audio) if callable(self._text) else self._text
@@ -61,13 +62,14 @@ class FakeLlm:
         self.prompts: list[list[ChatMessage]] = []
         self.prefills: list[list[ChatMessage]] = []
 
-    async def prefill(self, messages: Sequence[ChatMessage]) -> None:
+    async def prefill(self, messages: Sequence[ChatMessage], *, session: str | None = None) -> None:
         self.prefills.append(list(messages))
 
     def count_tokens(self, text: str) -> int:
         return approx_tokens(text)
 
-    async def stream(self, messages: Sequence[ChatMessage], *, max_tokens: int) -> AsyncIterator[str]:
+    async def stream(self, messages: Sequence[ChatMessage], *, max_tokens: int,
+                     session: str | None = None) -> AsyncIterator[str]:
         self.prompts.append(list(messages))
         reply = self._reply(messages) if callable(self._reply) else self._reply
         await asyncio.sleep(self.first_token_s)
@@ -89,7 +91,8 @@ class FakeTts:
         self.latency_s = latency_s
         self.calls: list[tuple[str, Priority]] = []
 
-    async def synthesize(self, text: str, *, priority: Priority) -> Float32Array:
+    async def synthesize(self, text: str, *, priority: Priority,
+                         session: str | None = None) -> Float32Array:
         self.calls.append((text, priority))
         await asyncio.sleep(self.latency_s)
         n = int(self.sample_rate * self.ms_per_char * len(text) / 1000)

@@ -35,10 +35,11 @@ class LlamaLlm:
         KV cache, which llama.cpp reuses for every prompt that starts with it."""
         self._evaluate(_payload([ChatMessage("system", system_prompt), ChatMessage("user", "Hi")]))
 
-    async def prefill(self, messages: Sequence[ChatMessage]) -> None:
+    async def prefill(self, messages: Sequence[ChatMessage], *, session: str | None = None) -> None:
         """Evaluate a prompt ahead of time at background priority. llama.cpp keeps the
         evaluated tokens, so the real prompt pays only for the tokens that differ."""
-        await self._compute.call("llm", Priority.ASR_PARTIAL, self._evaluate, _payload(messages))
+        await self._compute.call("llm", Priority.ASR_PARTIAL, self._evaluate, _payload(messages),
+                                 session=session, key=("prefill", session))
 
     def _evaluate(self, payload: Any) -> None:
         self._llama.create_chat_completion(payload, max_tokens=1)
@@ -46,7 +47,8 @@ class LlamaLlm:
     def count_tokens(self, text: str) -> int:
         return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
-    def stream(self, messages: Sequence[ChatMessage], *, max_tokens: int) -> AsyncIterator[str]:
+    def stream(self, messages: Sequence[ChatMessage], *, max_tokens: int,
+               session: str | None = None) -> AsyncIterator[str]:
         """Reply deltas. Closing the iterator stops llama.cpp before its next token."""
         payload = _payload(messages)
 
@@ -61,7 +63,7 @@ class LlamaLlm:
             except Exception as e:
                 raise EngineError(f"llama.cpp failed: {e}") from e
 
-        return self._compute.iterate("llm", Priority.LLM, generate)
+        return self._compute.iterate("llm", Priority.LLM, generate, session=session)
 
 
 def _payload(messages: Sequence[ChatMessage]) -> Any:

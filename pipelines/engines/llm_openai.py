@@ -26,13 +26,14 @@ class OpenAiLlm:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s))
 
-    async def prefill(self, messages: Sequence[ChatMessage]) -> None:
+    async def prefill(self, messages: Sequence[ChatMessage], *, session: str | None = None) -> None:
         """Nothing to do: servers such as vLLM cache prompt prefixes on their own."""
 
     def count_tokens(self, text: str) -> int:
         return approx_tokens(text)
 
-    async def stream(self, messages: Sequence[ChatMessage], *, max_tokens: int) -> AsyncIterator[str]:
+    async def stream(self, messages: Sequence[ChatMessage], *, max_tokens: int,
+                     session: str | None = None) -> AsyncIterator[str]:
         """Yield reply deltas; closing the iterator closes the HTTP response."""
         body = {
             "model": self._model,

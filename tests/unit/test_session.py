@@ -156,8 +156,8 @@ async def test_engine_failure_is_an_error_event_and_the_session_goes_on() -> Non
     class FailingOnceLlm(FakeLlm):
         failed = False
 
-        async def stream(self, messages: Sequence[ChatMessage], *, max_tokens: int
-                         ) -> AsyncIterator[str]:
+        async def stream(self, messages: Sequence[ChatMessage], *, max_tokens: int,
+                         session: str | None = None) -> AsyncIterator[str]:
             if not self.failed:
                 self.failed = True
                 raise EngineError("model crashed")
