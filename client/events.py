@@ -29,6 +29,7 @@ class EventLog:
     def __init__(self, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.on_event = on_event
         self.events: list[dict[str, Any]] = []
+        self.arrivals: list[float] = []  # client clock (time.monotonic) of each event
         self.turns: dict[int, TurnRecord] = {}
         self.ready: dict[str, Any] | None = None
         self.errors: list[dict[str, Any]] = []
@@ -60,6 +61,7 @@ class EventLog:
 
     async def add_event(self, ev: dict[str, Any]) -> None:
         self.events.append(ev)
+        self.arrivals.append(time.monotonic())
         match ev.get("type"):
             case "session.ready":
                 self.ready = ev

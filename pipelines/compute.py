@@ -49,10 +49,11 @@ class _Job(Work):
 class Lane:
     """One worker thread and its policy."""
 
-    def __init__(self, name: str, compute: Compute, max_batch: int, gather_s: float) -> None:
+    def __init__(self, name: str, compute: Compute, max_batch: int, gather_s: float,
+                 fifo: bool) -> None:
         self.name = name
         self._compute = compute
-        self._policy = Policy(max_batch)
+        self._policy = Policy(max_batch, fifo=fifo)
         self._gather_s = gather_s
         self._cv = threading.Condition()
         self._stopped = False
@@ -144,9 +145,12 @@ class Compute:
     """Lanes by engine kind, shared by every session of the process."""
 
     def __init__(self, *, max_batch: int = 4, gather_ms: float = 3.0,
-                 admission_wait_ms: float = 1000.0, metrics: ComputeMetrics | None = None,
-                 ) -> None:
+                 admission_wait_ms: float = 1000.0, fifo: bool = False,
+                 metrics: ComputeMetrics | None = None) -> None:
+        """``fifo``: plain first-come-first-served lanes, no cross-lane priority (a baseline
+        for benchmarks, not for production)."""
         self._lanes: dict[str, Lane] = {}
+        self.fifo = fifo
         self._max_batch = max_batch
         self._gather_s = gather_ms / 1000
         self.metrics = metrics or ComputeMetrics()
@@ -158,7 +162,7 @@ class Compute:
     def lane(self, name: str) -> Lane:
         with self._lock:
             if name not in self._lanes:
-                self._lanes[name] = Lane(name, self, self._max_batch, self._gather_s)
+                self._lanes[name] = Lane(name, self, self._max_batch, self._gather_s, self.fifo)
             return self._lanes[name]
 
     def saturated(self) -> bool:
@@ -166,7 +170,7 @@ class Compute:
         return self.admission.saturated(time.monotonic())
 
     def run_job(self, priority: Priority, body: Callable[[], None]) -> None:
-        if priority > URGENT:
+        if priority > URGENT or self.fifo:
             body()
             return
         with self._urgent_cv:

@@ -84,7 +84,9 @@ class Conversation(Protocol):
 
     def on_speech_stopped(self, t_ms: int) -> None: ...
 
-    def on_partial(self, turn_id: int, text: str, language: str | None) -> None: ...
+    def on_partial(self, turn_id: int, text: str, language: str | None, audio_ms: int) -> None:
+        """A partial transcript of the utterance up to input position ``audio_ms``."""
+        ...
 
     def on_tentative(self, turn_id: int, text: str, language: str | None) -> None:
         """A speculative final is ready before the endpoint (may still be voided)."""
@@ -188,9 +190,9 @@ class Listener:
         if audio.size < self.config.partial_min_ms * MODEL_RATE // 1000:
             return
         utt.partial_at = self._samples
-        utt.partial = tg.create_task(self._partial(utt, audio))
+        utt.partial = tg.create_task(self._partial(utt, audio, self._samples * 1000 // MODEL_RATE))
 
-    async def _partial(self, utt: _Utterance, audio: Float32Array) -> None:
+    async def _partial(self, utt: _Utterance, audio: Float32Array, audio_ms: int) -> None:
         """A partial transcript. A newer partial of this session supersedes it while it is
         still queued (the scheduler drops it unrun: it would be stale)."""
         try:
@@ -205,7 +207,7 @@ class Listener:
         if utt.language is None:
             utt.language = result.language
         if self._utt is utt and not self._seg.paused and not is_hallucination(result, 10_000):
-            self._conv.on_partial(utt.turn_id, result.text, result.language)
+            self._conv.on_partial(utt.turn_id, result.text, result.language, audio_ms)
 
     async def _speculate(self, utt: _Utterance, audio: Float32Array, voiced_ms: int) -> AsrResult:
         result = await self._asr.transcribe(audio, language=utt.language,

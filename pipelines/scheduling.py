@@ -57,10 +57,12 @@ class Work:
 
 
 class Policy:
-    """The queue of one lane."""
+    """The queue of one lane. ``fifo=True`` is the plain first-come-first-served baseline
+    (no classes, no fairness, nothing superseded), kept to measure what the policy buys."""
 
-    def __init__(self, max_batch: int = 4) -> None:
+    def __init__(self, max_batch: int = 4, *, fifo: bool = False) -> None:
         self.max_batch = max_batch
+        self.fifo = fifo
         self._queued: list[Work] = []
         self._served: dict[tuple[Priority, str | None], int] = {}  # last service, by class
         self._turn = itertools.count(1)
@@ -72,7 +74,7 @@ class Policy:
         """Queue ``work``; returns queued work it supersedes (now STALE)."""
         work.enqueued_at = now
         stale = []
-        if work.key is not None:
+        if work.key is not None and not self.fifo:
             stale = [w for w in self._queued if w.key == work.key]
             for w in stale:
                 w.state = State.STALE
@@ -97,6 +99,8 @@ class Policy:
         return gone
 
     def _rank(self, w: Work) -> tuple[int, int, int]:
+        if self.fifo:
+            return (0, 0, w.seq)
         return (w.priority, self._served.get((w.priority, w.session), 0), w.seq)
 
     def next(self, now: float) -> list[Work]:
@@ -108,8 +112,8 @@ class Policy:
         batch = [first]
         if first.batch_key is not None:
             mates = sorted((w for w in self._queued if w is not first
-                            and w.batch_key == first.batch_key and w.priority == first.priority),
-                           key=self._rank)
+                            and w.batch_key == first.batch_key
+                            and (self.fifo or w.priority == first.priority)), key=self._rank)
             batch += mates[: self.max_batch - 1]
         turn = next(self._turn)
         for w in batch:
@@ -124,7 +128,7 @@ class Policy:
         if head.batch_key is None or len(batch) >= self.max_batch:
             return []
         joiners = sorted((w for w in self._queued if w.batch_key == head.batch_key
-                          and w.priority == head.priority), key=self._rank)
+                          and (self.fifo or w.priority == head.priority)), key=self._rank)
         joiners = joiners[: self.max_batch - len(batch)]
         for w in joiners:
             w.state = State.RUNNING

@@ -179,8 +179,8 @@ class Session:
     def on_speech_stopped(self, t_ms: int) -> None:
         self._emit(SpeechStopped(t_ms))
 
-    def on_partial(self, turn_id: int, text: str, language: str | None) -> None:
-        self._emit(Transcript(turn_id, text, False, language))
+    def on_partial(self, turn_id: int, text: str, language: str | None, audio_ms: int) -> None:
+        self._emit(Transcript(turn_id, text, False, language, audio_ms))
         # warm the LLM with the prompt so far: the final prompt starts the same way
         if self._tg is not None:
             prompt = self.history.prompt(self.config.system_prompt, text)

@@ -89,7 +89,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engines
     app = web.Application(client_max_size=1024 * 1024)
     sched = settings.scheduler
     compute = Compute(max_batch=sched.max_batch, gather_ms=sched.gather_ms,
-                      admission_wait_ms=sched.admission_wait_ms)
+                      admission_wait_ms=sched.admission_wait_ms, fifo=sched.fifo)
     app[STATE] = AppState(settings, compute, session_config(settings))
     setup_webrtc(settings)
 

@@ -84,6 +84,8 @@ class SchedulerSettings(_Section):
                              "waits for company")
     admission_wait_ms: float = Field(1000.0, gt=0, description="refuse new sessions while "
                                      "urgent work waited longer than this on average (10 s)")
+    fifo: bool = Field(False, description="plain first-come-first-served instead of the "
+                       "policy (a benchmark baseline)")
 
 
 class IceServer(_Section):

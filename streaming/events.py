@@ -36,6 +36,7 @@ class Transcript:
     text: str
     final: bool
     language: str | None = None
+    audio_ms: int | None = None  # a partial: the input stream position its audio reaches
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,9 +159,12 @@ def event_to_json(event: Event) -> dict[str, Any]:
             return {"type": "speech.started", "t_ms": t_ms}
         case SpeechStopped(t_ms):
             return {"type": "speech.stopped", "t_ms": t_ms}
-        case Transcript(turn_id, text, final, language):
-            return {"type": "transcript", "turn_id": turn_id, "text": text, "final": final,
-                    "language": language}
+        case Transcript(turn_id, text, final, language, audio_ms):
+            out = {"type": "transcript", "turn_id": turn_id, "text": text, "final": final,
+                   "language": language}
+            if audio_ms is not None:
+                out["audio_ms"] = audio_ms
+            return out
         case ReplyStarted(turn_id):
             return {"type": "reply.started", "turn_id": turn_id}
         case ReplyText(turn_id, delta):

@@ -162,3 +162,11 @@ async def test_compute_superseded_partial_raises_dropped() -> None:
             compute.metrics.render()
     finally:
         compute.close()
+
+
+def test_fifo_baseline_ignores_classes_and_keys() -> None:
+    p = Policy(fifo=True)
+    a = Work(P.VISION, "a", key="k")
+    b = Work(P.ASR_FINAL, "b", key="k")
+    assert p.add(a, 0.0) == [] and p.add(b, 0.0) == []  # nothing superseded
+    assert [w for batch in drain(p) for w in batch] == [a, b]  # arrival order
