@@ -24,24 +24,18 @@ from client.events import EventLog
 from client.wavio import last_voiced_sample
 from streaming.audio import Float32Array, float_to_pcm16, resample
 from streaming.channels import Channel, Full
-from streaming.webrtc import EVENTS_LABEL, restrict_host_candidates
+from streaming.webrtc import EVENTS_LABEL, PcmTrack, restrict_host_candidates
 
 RATE = 48_000
-FRAME = 960  # 20 ms
 SILENT_PEAK = 64  # a received frame quieter than this (of 32768) counts as silence
 
 
-class MicrophoneTrack(MediaStreamTrack):
+class MicrophoneTrack(PcmTrack):
     """Plays queued utterances in real time (20 ms frames at 48 kHz), silence in between."""
-
-    kind = "audio"
 
     def __init__(self) -> None:
         super().__init__()
-        self._pcm = bytearray()
-        self._start: float | None = None
-        self._pts = 0
-        self._voiced_end: int | None = None  # byte offset of the current utterance's last voice
+        self._voiced_end: int | None = None  # bytes left until the current utterance's voice ends
         self.voiced_sent_at: float | None = None  # when that sample went out (monotonic)
         self._drained = asyncio.Event()
         self._drained.set()
@@ -49,40 +43,23 @@ class MicrophoneTrack(MediaStreamTrack):
     def say(self, audio: Float32Array, rate: int, trailing_silence_ms: int = 1200) -> None:
         """Queue an utterance (then silence); ``voiced_sent_at`` is set when its voice ends."""
         x = resample(audio, rate, RATE)
-        self._voiced_end = len(self._pcm) + 2 * last_voiced_sample(x, RATE)
+        self._voiced_end = len(self._buf) + 2 * last_voiced_sample(x, RATE)
         self.voiced_sent_at = None
-        self._pcm.extend(float_to_pcm16(x))
-        self._pcm.extend(bytes(2 * RATE * trailing_silence_ms // 1000))
+        self._buf.extend(float_to_pcm16(x))
+        self._buf.extend(bytes(2 * RATE * trailing_silence_ms // 1000))
         self._drained.clear()
 
     async def drained(self) -> None:
         await self._drained.wait()
 
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = time.monotonic()
-        else:
-            self._pts += FRAME
-            delay = self._start + self._pts / RATE - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        chunk = bytes(self._pcm[: 2 * FRAME])
-        del self._pcm[: 2 * FRAME]
+    def _sent(self, chunk: bytes) -> None:
         if self._voiced_end is not None:
             self._voiced_end -= len(chunk)
             if self._voiced_end <= 0:
                 self.voiced_sent_at = time.monotonic()
                 self._voiced_end = None
-        if not self._pcm:
+        if not self._buf:
             self._drained.set()
-        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME)
-        frame.planes[0].update(chunk.ljust(2 * FRAME, b"\0"))
-        frame.sample_rate = RATE
-        frame.pts = self._pts
-        frame.time_base = fractions.Fraction(1, RATE)
-        return frame
 
 
 def load_image(path: str | Path) -> npt.NDArray[np.uint8]:

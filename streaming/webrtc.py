@@ -26,17 +26,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from streaming.errors import ProtocolError, VoxlensError
 from streaming.events import Error, Event, ReplyAudio, ReplyStarted
-from streaming.ports import SessionPort
-from streaming.protocol import (
-    ImageFrame,
-    Interrupt,
-    Playback,
-    SessionEnd,
-    SessionStart,
-    TextTurn,
-    encode_event,
-    parse_client_message,
-)
+from streaming.ports import SessionPort, apply_client_message
+from streaming.protocol import SessionEnd, SessionStart, encode_event, parse_client_message
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +52,52 @@ def restrict_host_candidates(addresses: Iterable[str]) -> None:
     aioice.ice.get_host_addresses = host_addresses
 
 
-class ReplyTrack(MediaStreamTrack):
-    """Outgoing audio: reply PCM (s16le mono, 48 kHz) paced in real time, silence when idle."""
+class PcmTrack(MediaStreamTrack):
+    """An outgoing audio track fed with s16le mono PCM at 48 kHz, paced in real time in 20 ms
+    frames by its own clock, silence when nothing is queued. Subclasses see each frame's
+    payload in ``_sent`` (before silence padding)."""
 
     kind = "audio"
 
-    def __init__(self, max_buffer_ms: int = 2000) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self._buf = bytearray()
+        self._start: float | None = None
+        self._pts = 0
+
+    def _sent(self, chunk: bytes) -> None:
+        """Called with the queued bytes each frame carried (may be empty)."""
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        else:
+            self._pts += FRAME_SAMPLES
+            delay = self._start + self._pts / OUT_RATE - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        n = FRAME_SAMPLES * 2
+        chunk = bytes(self._buf[:n])
+        del self._buf[:n]
+        self._sent(chunk)
+        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
+        frame.planes[0].update(chunk.ljust(n, b"\0"))
+        frame.sample_rate = OUT_RATE
+        frame.pts = self._pts
+        frame.time_base = fractions.Fraction(1, OUT_RATE)
+        return frame
+
+
+class ReplyTrack(PcmTrack):
+    """Reply audio out; knows how much of the current turn it has sent."""
+
+    def __init__(self, max_buffer_ms: int = 2000) -> None:
+        super().__init__()
         self._max_bytes = OUT_RATE * 2 * max_buffer_ms // 1000
         self._room = asyncio.Event()
         self._room.set()
-        self._start: float | None = None
-        self._pts = 0
         self.turn_id: int | None = None
         self.sent_ms = 0.0  # reply audio of ``turn_id`` sent so far
 
@@ -98,29 +122,10 @@ class ReplyTrack(MediaStreamTrack):
         self._buf.clear()
         self._room.set()
 
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = time.monotonic()
-        else:
-            self._pts += FRAME_SAMPLES
-            delay = self._start + self._pts / OUT_RATE - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        n = FRAME_SAMPLES * 2
-        chunk = bytes(self._buf[:n])
-        del self._buf[:n]
+    def _sent(self, chunk: bytes) -> None:
         if len(self._buf) < self._max_bytes:
             self._room.set()
-        if chunk:
-            self.sent_ms += len(chunk) / 2 * 1000 / OUT_RATE
-        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
-        frame.planes[0].update(chunk.ljust(n, b"\0"))
-        frame.sample_rate = OUT_RATE
-        frame.pts = self._pts
-        frame.time_base = fractions.Fraction(1, OUT_RATE)
-        return frame
+        self.sent_ms += len(chunk) / 2 * 1000 / OUT_RATE
 
 
 class WebRtcAdapter:
@@ -172,17 +177,11 @@ class WebRtcAdapter:
         try:
             if isinstance(raw, bytes):
                 raise ProtocolError("the events channel takes JSON text only")
-            match parse_client_message(raw):
-                case TextTurn(text=text):
-                    self.session.submit_text(text)
+            match apply_client_message(parse_client_message(raw), self.session):
                 case SessionStart():
                     raise ProtocolError("over WebRTC, send language and instructions with the "
                                         "offer; media formats are negotiated by WebRTC",
                                         code="unsupported")
-                case ImageFrame():
-                    raise ProtocolError("camera frames are not supported yet", code="unsupported")
-                case Playback() | Interrupt():
-                    pass  # barge-in bookkeeping arrives with the barge-in work
                 case SessionEnd():
                     self._done.set()
         except VoxlensError as e:

@@ -11,15 +11,11 @@ from streaming.audio import InputConverter
 from streaming.channels import ChannelClosed
 from streaming.errors import ProtocolError, VoxlensError
 from streaming.events import Error, Event
-from streaming.ports import SessionPort
+from streaming.ports import SessionPort, apply_client_message
 from streaming.protocol import (
     MAX_AUDIO_MESSAGE_BYTES,
-    ImageFrame,
-    Interrupt,
-    Playback,
     SessionEnd,
     SessionStart,
-    TextTurn,
     encode_event,
     parse_client_message,
 )
@@ -101,7 +97,7 @@ class WebSocketAdapter:
 
     async def _on_text(self, raw: str) -> bool:
         """Handle one client message; False when the client ended the session."""
-        match parse_client_message(raw):
+        match apply_client_message(parse_client_message(raw), self.session):
             case SessionStart() as m:
                 converter = InputConverter(m.audio.sample_rate, m.audio.channels)
                 self.session.configure(
@@ -110,12 +106,6 @@ class WebSocketAdapter:
                     instructions=m.instructions)
                 self._converter = converter
                 await self._send(self.session.ready_event())
-            case TextTurn(text=text):
-                self.session.submit_text(text)
-            case ImageFrame():
-                raise ProtocolError("camera frames are not supported yet", code="unsupported")
-            case Playback() | Interrupt():
-                pass  # barge-in bookkeeping arrives with the barge-in work; accepted and ignored
             case SessionEnd():
                 return False
         return True
