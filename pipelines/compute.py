@@ -9,7 +9,8 @@ result dropped) and streaming work (LLM tokens) stops before its next item.
 
 Lanes share the cores, so priority also holds *across* lanes: while urgent
 work (``URGENT`` and above: a final transcript, a reply's first audio) runs on
-any lane, streaming work of lower priority waits between two items.
+any lane, streaming work of lower priority waits between two items; and
+background work (VISION) starts only while no other model work runs.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ class Compute:
         self.metrics = metrics or ComputeMetrics()
         self.admission = Admission(admission_wait_ms / 1000)
         self._urgent = 0  # urgent work running now, on any lane
+        self._foreground = 0  # work of any class above VISION running now, on any lane
         self._urgent_cv = threading.Condition()
         self._lock = threading.Lock()
 
@@ -170,16 +172,25 @@ class Compute:
         return self.admission.saturated(time.monotonic())
 
     def run_job(self, priority: Priority, body: Callable[[], None]) -> None:
-        if priority > URGENT or self.fifo:
+        """Run work, keeping the cross-lane counts: urgent work pauses LLM token loops, and
+        background (VISION) work starts only when no other model work runs, on any lane."""
+        if self.fifo:
             body()
             return
+        urgent = priority <= URGENT
         with self._urgent_cv:
-            self._urgent += 1
+            if priority >= Priority.VISION:
+                self._urgent_cv.wait_for(lambda: self._foreground == 0)
+            else:
+                self._foreground += 1
+            self._urgent += urgent
         try:
             body()
         finally:
             with self._urgent_cv:
-                self._urgent -= 1
+                self._urgent -= urgent
+                if priority < Priority.VISION:
+                    self._foreground -= 1
                 self._urgent_cv.notify_all()
 
     def _yield_to_urgent(self, timeout: float = 2.0) -> None:

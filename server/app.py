@@ -17,6 +17,7 @@ from server.engines import build_engines, session_config
 from server.rtc import offer, setup_webrtc, webrtc_config
 from server.settings import Settings
 from server.state import STATE, AppState, Busy
+from server.vision_api import vision_ask
 from streaming.protocol import MAX_IMAGE_MESSAGE_BYTES
 from streaming.ws import WebSocketAdapter
 
@@ -86,7 +87,7 @@ async def _load_engines(app: web.Application, factory: EngineFactory) -> None:
 
 def create_app(settings: Settings, engine_factory: EngineFactory = build_engines) -> web.Application:
     """The HTTP app. Models load in a worker thread after start-up; /healthz says when ready."""
-    app = web.Application(client_max_size=1024 * 1024)
+    app = web.Application(client_max_size=MAX_IMAGE_MESSAGE_BYTES)  # /v1/vision/ask takes images
     sched = settings.scheduler
     compute = Compute(max_batch=sched.max_batch, gather_ms=sched.gather_ms,
                       admission_wait_ms=sched.admission_wait_ms, fifo=sched.fifo)
@@ -108,4 +109,5 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engines
     app.router.add_get("/ws", websocket)
     app.router.add_post("/offer", offer)
     app.router.add_get("/webrtc/config", webrtc_config)
+    app.router.add_post("/v1/vision/ask", vision_ask)
     return app

@@ -45,6 +45,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"  ok  whisper tiny.en: {models.whisper_model('tiny.en', cache)}")
         print(f"  ok  SmolLM2-135M-Instruct: {models.llm_model('smollm2-135m', cache)}")
         print(f"  ok  piper voice joe: {models.piper_voice('joe')[0]}")
+        print(f"  ok  EfficientNet-Lite0: {models.efficientnet_weights()}")
+        print(f"  ok  ImageNet class names: {models.prepare_imagenet_labels(cache)}")
     except VoxlensError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 1

@@ -7,15 +7,17 @@ import logging
 from pipelines import models
 from pipelines.compute import Compute
 from pipelines.engines.asr_whisper import WhisperAsr
-from pipelines.engines.base import Llm
+from pipelines.engines.base import Llm, Vlm
 from pipelines.engines.llm_llama import LlamaLlm
 from pipelines.engines.llm_openai import OpenAiLlm
 from pipelines.engines.tts_piper import PiperTts
 from pipelines.engines.vad_silero import SileroVad
+from pipelines.engines.vlm_scene import SceneVlm
 from pipelines.listener import ListenerConfig
 from pipelines.segmenter import SegmenterConfig
 from pipelines.session import Engines, SessionConfig
 from pipelines.turn import TurnConfig
+from pipelines.vision import VisionConfig
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,11 +48,18 @@ def build_engines(settings: Settings, compute: Compute) -> Engines:
                    name=f"piper:{settings.tts.voice}")
     tts.warm_up()
     log.info("TTS ready: %s", tts.name)
-    return Engines(vad=vad, asr=asr, llm=llm, tts=tts)
+    vlm: Vlm | None = None
+    if settings.vision.engine == "scene":
+        scene = SceneVlm(compute, models.efficientnet_weights(), models.imagenet_labels(cache),
+                         threads=settings.vision.threads)
+        scene.warm_up()
+        vlm = scene
+        log.info("vision ready: %s", vlm.name)
+    return Engines(vad=vad, asr=asr, llm=llm, tts=tts, vlm=vlm)
 
 
 def session_config(settings: Settings) -> SessionConfig:
-    v, a, m = settings.vad, settings.asr, settings.llm
+    v, a, m, vis = settings.vad, settings.asr, settings.llm, settings.vision
     seg = SegmenterConfig(threshold=v.threshold, neg_threshold=v.neg_threshold,
                           min_speech_ms=v.min_speech_ms, silence_ms=v.silence_ms, pad_ms=v.pad_ms,
                           max_utterance_ms=v.max_utterance_ms)
@@ -58,6 +67,8 @@ def session_config(settings: Settings) -> SessionConfig:
         listener=ListenerConfig(segmenter=seg, partial_interval_ms=a.partial_interval_ms,
                                 speculative_final=a.speculative_final),
         turn=TurnConfig(max_tokens=m.max_tokens),
+        vision=VisionConfig(interval_s=vis.interval_s, change_threshold=vis.change_threshold,
+                            memory=vis.memory, in_prompt=vis.in_prompt),
         system_prompt=m.system_prompt,
         history_tokens=m.history_tokens,
         language=a.language,

@@ -77,6 +77,18 @@ class TtsSettings(_Section):
     output_rate: int = Field(24_000, description="default reply audio rate")
 
 
+class VisionSettings(_Section):
+    engine: Literal["scene", "none"] = Field("scene", description="'scene' (packaged "
+                                             "classifier + faces + colours) or 'none'")
+    interval_s: float = Field(5.0, gt=0, description="look again after this when the scene "
+                              "drifted a little")
+    change_threshold: float = Field(0.12, gt=0, lt=1, description="a change this big is "
+                                    "looked at at once (32×32 grey thumbnails)")
+    memory: int = Field(8, ge=1, description="observations kept per session")
+    in_prompt: int = Field(3, ge=1, description="recent observations the LLM sees")
+    threads: int = Field(1, ge=1, description="torch threads for the vision model")
+
+
 class SchedulerSettings(_Section):
     max_batch: int = Field(4, ge=1, description="most items an engine runs as one batch "
                            "(CPU: small, a batch cannot be interrupted; GPU: 16 or more)")
@@ -116,6 +128,7 @@ class Settings(BaseSettings):
     tts: TtsSettings = TtsSettings()
     webrtc: WebRtcSettings = WebRtcSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    vision: VisionSettings = VisionSettings()
     log_level: str = "INFO"
 
     @classmethod

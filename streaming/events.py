@@ -73,6 +73,15 @@ class Metrics:
 
 
 @dataclass(frozen=True, slots=True)
+class Scene:
+    """What the camera showed, as an observation joined to the visual memory."""
+
+    text: str
+    t_ms: int  # ms since the session started
+    engine: str
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     code: str
     message: str
@@ -89,5 +98,6 @@ Event = (
     | ReplyAudio
     | ReplyDone
     | Metrics
+    | Scene
     | Error
 )

@@ -6,9 +6,9 @@ from typing import Protocol
 
 from streaming.audio import Float32Array
 from streaming.channels import Channel
-from streaming.errors import ProtocolError
 from streaming.events import Event, SessionReady
-from streaming.protocol import ClientMessage, ImageFrame, Interrupt, Playback, TextTurn
+from streaming.images import Image
+from streaming.protocol import ClientMessage, Interrupt, Playback, TextTurn
 
 
 class SessionPort(Protocol):
@@ -24,17 +24,17 @@ class SessionPort(Protocol):
 
     def submit_text(self, text: str) -> None: ...
 
+    def push_frame(self, image: Image) -> None: ...
+
     def close(self) -> None: ...
 
 
 def apply_client_message(message: ClientMessage, session: SessionPort) -> ClientMessage | None:
     """Handle the client messages every transport treats alike; return the others
-    (``session.start``, ``session.end``) for the transport to handle."""
+    (``session.start``, ``session.end``, ``image``) for the transport to handle."""
     match message:
         case TextTurn(text=text):
             session.submit_text(text)
-        case ImageFrame():
-            raise ProtocolError("camera frames are not supported yet", code="unsupported")
         case Playback() | Interrupt():
             pass  # barge-in bookkeeping arrives with the barge-in work; accepted
         case _:

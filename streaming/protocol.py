@@ -18,6 +18,7 @@ from streaming.events import (
     ReplyDone,
     ReplyStarted,
     ReplyText,
+    Scene,
     SessionReady,
     SpeechStarted,
     SpeechStopped,
@@ -174,6 +175,8 @@ def event_to_json(event: Event) -> dict[str, Any]:
         case Metrics(turn_id, stages):
             return {"type": "metrics", "turn_id": turn_id,
                     "stages": {k: round(v, 1) for k, v in stages.items()}}
+        case Scene(text, t_ms, engine):
+            return {"type": "scene", "text": text, "t_ms": t_ms, "engine": engine}
         case Error(code, message, fatal):
             return {"type": "error", "code": code, "message": message, "fatal": fatal}
         case ReplyAudio():

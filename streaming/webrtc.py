@@ -26,8 +26,15 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from streaming.errors import ProtocolError, VoxlensError
 from streaming.events import Error, Event, ReplyAudio, ReplyStarted
+from streaming.images import KEEP_SIDE
 from streaming.ports import SessionPort, apply_client_message
-from streaming.protocol import SessionEnd, SessionStart, encode_event, parse_client_message
+from streaming.protocol import (
+    ImageFrame,
+    SessionEnd,
+    SessionStart,
+    encode_event,
+    parse_client_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,7 @@ FRAME_MS = 20
 FRAME_SAMPLES = OUT_RATE * FRAME_MS // 1000
 EVENTS_LABEL = "events"
 PENDING_EVENTS = 256  # events kept while the data channel is not open yet
+FRAME_EVERY_S = 0.25  # camera frames handed to the session at most this often
 
 
 def restrict_host_candidates(addresses: Iterable[str]) -> None:
@@ -182,6 +190,9 @@ class WebRtcAdapter:
                     raise ProtocolError("over WebRTC, send language and instructions with the "
                                         "offer; media formats are negotiated by WebRTC",
                                         code="unsupported")
+                case ImageFrame():
+                    raise ProtocolError("over WebRTC the camera is a video track",
+                                        code="unsupported")
                 case SessionEnd():
                     self._done.set()
         except VoxlensError as e:
@@ -231,10 +242,21 @@ class WebRtcAdapter:
                     await self.session.push_audio(pcm.astype(np.float32) / 32768.0)
 
     async def _video_in(self, track: MediaStreamTrack) -> None:
-        """Keep only the newest frame: reading continuously stops aiortc's queue growing."""
+        """Read every frame (so aiortc's queue never grows), keep only the newest, and hand
+        the session a downscaled RGB copy at most every ``FRAME_EVERY_S``."""
+        handed = 0.0
         with contextlib.suppress(MediaStreamError):
             while True:
                 frame = await track.recv()
                 assert isinstance(frame, av.VideoFrame)
                 self.latest_frame = frame
                 self.frames_received += 1
+                now = time.monotonic()
+                if now - handed >= FRAME_EVERY_S:
+                    handed = now
+                    scale = min(1.0, KEEP_SIDE / max(frame.width, frame.height))
+                    small = frame.reformat(width=round(frame.width * scale) // 2 * 2,
+                                           height=round(frame.height * scale) // 2 * 2,
+                                           format="rgb24")
+                    with contextlib.suppress(ProtocolError):  # vision off: frames unused
+                        self.session.push_frame(np.asarray(small.to_ndarray(), np.uint8))

@@ -11,9 +11,11 @@ from streaming.audio import InputConverter
 from streaming.channels import ChannelClosed
 from streaming.errors import ProtocolError, VoxlensError
 from streaming.events import Error, Event
+from streaming.images import decode_base64_image
 from streaming.ports import SessionPort, apply_client_message
 from streaming.protocol import (
     MAX_AUDIO_MESSAGE_BYTES,
+    ImageFrame,
     SessionEnd,
     SessionStart,
     encode_event,
@@ -106,6 +108,9 @@ class WebSocketAdapter:
                     instructions=m.instructions)
                 self._converter = converter
                 await self._send(self.session.ready_event())
+            case ImageFrame(data=data):
+                # decoding a large JPEG takes milliseconds: off the event loop
+                self.session.push_frame(await asyncio.to_thread(decode_base64_image, data))
             case SessionEnd():
                 return False
         return True

@@ -8,6 +8,7 @@ from typing import Literal, Protocol
 
 from pipelines.compute import Priority
 from streaming.audio import Float32Array
+from streaming.images import Image
 
 
 class VadStream(Protocol):
@@ -77,3 +78,16 @@ class Tts(Protocol):
 def approx_tokens(text: str) -> int:
     """A tokenizer-free estimate (≈4 characters per token), for backends that expose none."""
     return max(1, (len(text) + 3) // 4)
+
+
+class Vlm(Protocol):
+    """Vision: one short description of an image, or an answer about it."""
+
+    name: str
+
+    async def look(self, image: Image, *, question: str | None = None,
+                   priority: Priority = Priority.VISION, session: str | None = None,
+                   key: Hashable | None = None) -> str:
+        """Text about an RGB image. Background work unless ``priority`` says otherwise;
+        queued work with the same ``key`` is superseded (Dropped). Cancelling drops it."""
+        ...

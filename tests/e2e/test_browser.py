@@ -71,6 +71,8 @@ async def test_page_holds_a_spoken_conversation(ns_server: ServerProcess, netns:
                 "window.voxlens.finals.length > 0 && window.voxlens.metrics.length > 0",
                 timeout=120_000)
             await page.wait_for_function("window.voxlens.audioEnergy > 0", timeout=30_000)
+            # the fake camera's frames reached the vision engine; the page shows what it saw
+            await page.wait_for_function("window.voxlens.scene !== null", timeout=30_000)
             vx = await page.evaluate("window.voxlens")
             await page.screenshot(path=str(ARTIFACTS / "page.png"))
             phone = await browser.new_page(viewport={"width": 390, "height": 844})
@@ -82,3 +84,4 @@ async def test_page_holds_a_spoken_conversation(ns_server: ServerProcess, netns:
     assert any("paris" in text.lower() for text in vx["replies"].values())
     assert vx["audioEnergy"] > 0 and vx["receivedMs"] > 0
     assert not vx["errors"], vx["errors"]
+    assert vx["scene"].strip()

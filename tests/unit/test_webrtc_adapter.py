@@ -27,6 +27,7 @@ class FakeSession:
     def __init__(self) -> None:
         self.events: Channel[Event] = Channel(64)
         self.audio: list[Float32Array] = []
+        self.frames: list[np.ndarray] = []
         self.closed = False
 
     def ready_event(self) -> SessionReady:
@@ -38,6 +39,9 @@ class FakeSession:
         self.audio.append(audio)
 
     def submit_text(self, text: str) -> None: ...
+
+    def push_frame(self, image: np.ndarray) -> None:
+        self.frames = [image]  # what a session does: keep the newest only
 
     def close(self) -> None:
         self.closed = True
@@ -108,6 +112,7 @@ async def test_video_keeps_only_the_newest_frame_and_reply_audio_is_paced() -> N
     video = next(t for t in adapter.remote_tracks if t.kind == "video")
     assert video._queue.qsize() <= 2  # read continuously: aiortc's queue never grows
     assert adapter.latest_frame is not None and adapter.latest_frame.width == 160
+    assert session.frames[0].shape == (120, 160, 3) and session.frames[0].dtype == np.uint8
     # the reply track has sent the whole second of reply audio, and then silence
     await until(lambda: adapter.reply.sent_ms >= 1000)
     assert adapter.reply.turn_id == 1 and adapter.reply.sent_ms == pytest.approx(1000)
