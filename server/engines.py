@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from pipelines import models
 from pipelines.compute import Compute
@@ -12,6 +13,7 @@ from pipelines.engines.llm_llama import LlamaLlm
 from pipelines.engines.llm_openai import OpenAiLlm
 from pipelines.engines.tts_piper import PiperTts
 from pipelines.engines.vad_silero import SileroVad
+from pipelines.engines.vlm_openai import OpenAiVlm
 from pipelines.engines.vlm_scene import SceneVlm
 from pipelines.listener import ListenerConfig
 from pipelines.segmenter import SegmenterConfig
@@ -19,6 +21,7 @@ from pipelines.session import Engines, SessionConfig
 from pipelines.turn import TurnConfig
 from pipelines.vision import VisionConfig
 from server.settings import Settings
+from streaming.errors import ModelNotFound
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +51,29 @@ def build_engines(settings: Settings, compute: Compute) -> Engines:
                    name=f"piper:{settings.tts.voice}")
     tts.warm_up()
     log.info("TTS ready: %s", tts.name)
-    vlm: Vlm | None = None
-    if settings.vision.engine == "scene":
-        scene = SceneVlm(compute, models.efficientnet_weights(), models.imagenet_labels(cache),
-                         threads=settings.vision.threads)
-        scene.warm_up()
-        vlm = scene
+    vlm = build_vision(settings, compute, cache)
+    if vlm is not None:
         log.info("vision ready: %s", vlm.name)
     return Engines(vad=vad, asr=asr, llm=llm, tts=tts, vlm=vlm)
+
+
+def build_vision(settings: Settings, compute: Compute, cache: Path) -> Vlm | None:
+    v = settings.vision
+    if v.engine == "scene":
+        scene = SceneVlm(compute, models.efficientnet_weights(), models.imagenet_labels(cache),
+                         threads=v.threads)
+        scene.warm_up()
+        return scene
+    if v.engine == "transformers":
+        from pipelines.engines.vlm_transformers import TransformersVlm
+
+        if not v.model:
+            raise ModelNotFound("vision.engine=transformers needs vision.model (a name or path)")
+        return TransformersVlm(v.model, compute, device=v.device, threads=v.threads,
+                               trust_remote_code=v.trust_remote_code)
+    if v.engine == "openai":
+        return OpenAiVlm(v.base_url, v.model or "default", api_key=v.api_key)
+    return None
 
 
 def session_config(settings: Settings) -> SessionConfig:

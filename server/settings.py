@@ -78,8 +78,14 @@ class TtsSettings(_Section):
 
 
 class VisionSettings(_Section):
-    engine: Literal["scene", "none"] = Field("scene", description="'scene' (packaged "
-                                             "classifier + faces + colours) or 'none'")
+    engine: Literal["scene", "transformers", "openai", "none"] = Field(
+        "scene", description="'scene' (packaged classifier + faces + colours), 'transformers' "
+        "(a Hugging Face image-to-text model), 'openai' (a vision chat endpoint) or 'none'")
+    model: str = Field("", description="transformers: model name or path; openai: served model")
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="engine=openai endpoint")
+    api_key: str | None = None
+    device: str = Field("cpu", description="engine=transformers: cpu or cuda")
+    trust_remote_code: bool = Field(False, description="engine=transformers (Florence-2 …)")
     interval_s: float = Field(5.0, gt=0, description="look again after this when the scene "
                               "drifted a little")
     change_threshold: float = Field(0.12, gt=0, lt=1, description="a change this big is "

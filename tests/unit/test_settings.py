@@ -42,3 +42,23 @@ def test_bad_settings_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         load_settings(cfg)
     with pytest.raises(FileNotFoundError):
         load_settings(tmp_path / "missing.toml")
+
+
+def test_vision_engine_is_chosen_in_settings(tmp_path: Path) -> None:
+    from pipelines.compute import Compute
+    from pipelines.engines.vlm_openai import OpenAiVlm
+    from server.engines import build_vision
+    from streaming.errors import ModelNotFound
+
+    compute = Compute()
+    try:
+        none = load_settings(vision={"engine": "none"})
+        assert build_vision(none, compute, tmp_path) is None
+        remote = load_settings(vision={"engine": "openai", "model": "qwen2-vl",
+                                       "base_url": "http://127.0.0.1:9/v1"})
+        vlm = build_vision(remote, compute, tmp_path)
+        assert isinstance(vlm, OpenAiVlm) and vlm.name == "openai-vision:qwen2-vl"
+        with pytest.raises(ModelNotFound, match="vision.model"):
+            build_vision(load_settings(vision={"engine": "transformers"}), compute, tmp_path)
+    finally:
+        compute.close()
