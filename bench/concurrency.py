@@ -5,7 +5,8 @@
 For each N, a fresh server (default settings, embedded models) serves N
 clients. Each client streams its microphone continuously in real time (20 ms
 frames, silence between questions) and speaks a real (piper) question every
-~15 s, the clients staggered across the period. Reported per N: voice-to-voice
+~15 s, the clients staggered across the period, and (camera on) sends a camera frame a
+second. Reported per N: voice-to-voice
 p50/p95 at the client (from the last voiced sample sent to the first reply
 audio received; a reply that never came counts as the run's length), the lag
 of partial transcripts (arrival − the input position they reach), stale work
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import os
 import re
 import statistics
@@ -80,11 +82,21 @@ class Microphone:
             k += 1
 
 
+async def camera(client: VoxlensClient, frames: list[str]) -> None:
+    """A frame a second; the scene changes every 10 s."""
+    k = 0
+    while True:
+        await client.send({"type": "image", "data": frames[(k // 10) % len(frames)]})
+        k += 1
+        await asyncio.sleep(1.0)
+
+
 async def one_client(url: str, offset_s: float, seconds: float, utterances: list[Float32Array],
-                     figures: Figures) -> None:
+                     figures: Figures, frames: list[str] | None) -> None:
     async with VoxlensClient(url) as client:
         mic = Microphone(client)
         sender = asyncio.create_task(mic.run())
+        eye = asyncio.create_task(camera(client, frames)) if frames else None
         try:
             await asyncio.sleep(offset_s)
             deadline = time.monotonic() + seconds
@@ -102,8 +114,10 @@ async def one_client(url: str, offset_s: float, seconds: float, utterances: list
                     figures.missed += 1
                 await asyncio.sleep(max(0.0, slot + PERIOD_S - time.monotonic()))
         finally:
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
+            for task in (sender, eye):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(sender, *([eye] if eye else []), return_exceptions=True)
         arrivals = [(e, t) for e, t in zip(client.events, client.arrivals, strict=True)
                     if e.get("type") == "transcript" and not e["final"] and "audio_ms" in e]
         for ev, at in arrivals:
@@ -122,17 +136,17 @@ async def stale_count(http_base: str) -> float:
                                             re.M))
 
 
-async def run_n(n: int, seconds: float, utterances: list[Float32Array], fifo: bool
-                ) -> dict[str, float]:
+async def run_n(n: int, seconds: float, utterances: list[Float32Array], fifo: bool,
+                frames: list[str] | None) -> dict[str, float]:
     env = {"VOXLENS_SERVER__MAX_SESSIONS": "64", "VOXLENS_SCHEDULER__ADMISSION_WAIT_MS": "1e9",
            "VOXLENS_SCHEDULER__FIFO": "true" if fifo else "false"}
-    server = spawn_server(Path(f"bench/results/concurrency-{n}-{'fifo' if fifo else 'policy'}.log"),
-                          env=env)
+    name = f"concurrency-{n}-{'fifo' if fifo else 'policy'}-{'camera' if frames else 'blind'}"
+    server = spawn_server(Path(f"bench/results/{name}.log"), env=env)
     try:
         figures = Figures()
         cpu0, t0 = cpu_seconds(server.proc.pid), time.monotonic()
         await asyncio.gather(*(one_client(server.ws, i * PERIOD_S / n, seconds, utterances,
-                                          figures) for i in range(n)))
+                                          figures, frames) for i in range(n)))
         cpu = (cpu_seconds(server.proc.pid) - cpu0) / (time.monotonic() - t0)
         stale = await stale_count(server.http)
     finally:
@@ -167,18 +181,28 @@ async def main_async(sessions: list[int], seconds: float) -> None:
         chunks = list(voice.synthesize(q))
         audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
         utterances.append(resample(audio, chunks[0].sample_rate, 16000))
-    results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    from skimage import data as photos
+
+    from streaming.images import encode_jpeg
+
+    frames = [base64.b64encode(encode_jpeg(p)).decode()
+              for p in (photos.chelsea(), photos.coffee(), photos.astronaut(), photos.rocket())]
+    runs = {"scheduler, camera on": (False, frames), "first-come-first-served, camera on":
+            (True, frames), "scheduler, camera off": (False, None)}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     for n in sessions:
-        for fifo in (False, True):
-            row = await run_n(n, seconds, utterances, fifo)
-            results[fifo].append(row)
-            print(f"  N={n} {'fifo' if fifo else 'policy'}: p50 {row['p50']:.0f} ms, "
-                  f"p95 {row['p95']:.0f} ms, missed {row['missed']:.0f}", flush=True)
-    print(f"\n{os.cpu_count()} cores; each client asks every {PERIOD_S:.0f} s for {seconds:.0f} s")
-    table("voxlens scheduler", results[False])
-    table("first-come-first-served", results[True])
-    top = results[False][-1], results[True][-1]
-    print(f"\np95 at N={top[0]['n']:.0f}: fifo / scheduler = {top[1]['p95'] / top[0]['p95']:.2f}x")
+        for name, (fifo, cam) in runs.items():
+            row = await run_n(n, seconds, utterances, fifo, cam)
+            results[name].append(row)
+            print(f"  N={n} {name}: p50 {row['p50']:.0f} ms, p95 {row['p95']:.0f} ms, "
+                  f"missed {row['missed']:.0f}", flush=True)
+    print(f"\n{os.cpu_count()} cores; each client asks every {PERIOD_S:.0f} s for {seconds:.0f} s; "
+          "camera on = a frame a second, the scene changing every 10 s")
+    for name, rows in results.items():
+        table(name, rows)
+    on, fifo_on, off = (results[name][-1] for name in runs)
+    print(f"\nat N={on['n']:.0f}: p95 fifo / scheduler = {fifo_on['p95'] / on['p95']:.2f}x; "
+          f"camera on / off = {on['p95'] / off['p95']:.2f}x")
 
 
 def main() -> None:

@@ -89,10 +89,15 @@ class Lane:
 
     def _take(self) -> list[_Job] | None:
         with self._cv:
-            while not self._stopped and not len(self._policy):
-                self._cv.wait()
-            if self._stopped:
-                return None
+            while True:
+                while not self._stopped and not len(self._policy):
+                    self._cv.wait()
+                if self._stopped:
+                    return None
+                head = self._policy.peek()
+                if head is None or not self._compute.background_must_wait(head.priority):
+                    break
+                self._cv.wait(0.02)  # background work waits; anything queued meanwhile goes first
             now = time.monotonic()
             stale = self._policy.expire(now)
             batch = self._policy.next(now)
@@ -171,17 +176,19 @@ class Compute:
         """Whether urgent work has been waiting too long lately (admission control)."""
         return self.admission.saturated(time.monotonic())
 
+    def background_must_wait(self, priority: Priority) -> bool:
+        """Background (VISION) work starts only while no other model work runs, on any lane."""
+        return not self.fifo and priority >= Priority.VISION and self._foreground > 0
+
     def run_job(self, priority: Priority, body: Callable[[], None]) -> None:
-        """Run work, keeping the cross-lane counts: urgent work pauses LLM token loops, and
-        background (VISION) work starts only when no other model work runs, on any lane."""
+        """Run work, keeping the cross-lane counts (urgent work pauses LLM token loops; any
+        foreground work holds background work back)."""
         if self.fifo:
             body()
             return
         urgent = priority <= URGENT
         with self._urgent_cv:
-            if priority >= Priority.VISION:
-                self._urgent_cv.wait_for(lambda: self._foreground == 0)
-            else:
+            if priority < Priority.VISION:
                 self._foreground += 1
             self._urgent += urgent
         try:

@@ -103,6 +103,10 @@ class Policy:
             return (0, 0, w.seq)
         return (w.priority, self._served.get((w.priority, w.session), 0), w.seq)
 
+    def peek(self) -> Work | None:
+        """The work ``next`` would hand out first (None when idle)."""
+        return min(self._queued, key=self._rank) if self._queued else None
+
     def next(self, now: float) -> list[Work]:
         """The next batch to run (one item unless batchable), marked RUNNING; [] when idle."""
         self.expire(now)

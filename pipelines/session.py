@@ -13,7 +13,7 @@ from pipelines.engines.base import Asr, ChatMessage, Llm, Tts, Vad, Vlm
 from pipelines.history import History
 from pipelines.listener import Listener, ListenerConfig
 from pipelines.turn import Turn, TurnConfig
-from pipelines.vision import CAMERA_RULE, Looker, VisionConfig, refers_to_scene
+from pipelines.vision import CAMERA_RULE, Looker, VisionConfig, quote, refers_to_scene
 from streaming.audio import Float32Array
 from streaming.channels import Channel
 from streaming.errors import ProtocolError, VoxlensError
@@ -202,8 +202,7 @@ class Session:
         self._emit(Transcript(turn_id, text, False, language, audio_ms))
         # warm the LLM with the prompt so far: the final prompt starts the same way
         if self._tg is not None:
-            prompt = self.history.prompt(self.config.system_prompt, text)
-            self._prefill = self._tg.create_task(self._prefill_llm(prompt))
+            self._prefill = self._tg.create_task(self._prefill_llm(self._compose(text)))
 
     async def _prefill_llm(self, prompt: list[ChatMessage]) -> None:
         try:
@@ -266,24 +265,36 @@ class Session:
         self._playing = task
         turn.release(speech_end)
 
-    async def _prompt(self, user_text: str) -> list[ChatMessage]:
+    def system_prompt(self) -> str:
+        """The fixed part of the system prompt (kept identical so the LLM's cache holds it)."""
+        if self.looker is None:
+            return self.config.system_prompt
+        return f"{self.config.system_prompt}\n\n{CAMERA_RULE}"
+
+    def _compose(self, user_text: str, seen: str | None = None) -> list[ChatMessage]:
         """System prompt, history and the new user message, with what the camera showed: the
-        recent observations in the system prompt; for a turn about the scene, a fresh look
-        attached to the user's words (where a small model attends most)."""
-        system, said = self.config.system_prompt, user_text
-        if self.looker is not None:
-            system = f"{system}\n\n{CAMERA_RULE}"
-            if refers_to_scene(user_text) and await self.looker.look_now(user_text):
-                said = f"{user_text}\n{self.looker.prompt_block(latest_only=True)}"
-            else:
-                block = self.looker.prompt_block()
-                if block:
-                    system = f"{system}\n{block}"
+        recent observations after the fixed system prompt; for a turn about the scene, the fresh
+        observation ``seen`` rides on the user's words instead (where a small model attends)."""
+        system, said = self.system_prompt(), user_text
+        if seen is not None:
+            said = f"{user_text}\n[camera, now: {quote(seen)}]"
+        elif self.looker is not None and (block := self.looker.prompt_block()):
+            system = f"{system}\n{block}"
         return self.history.prompt(system, said)
+
+    async def _prompt(self, turn: Turn) -> list[ChatMessage]:
+        """Look at the scene first when the turn is about it, then compose the prompt. The
+        history keeps the observation with the question, so later answers stay grounded."""
+        seen = None
+        if self.looker is not None and refers_to_scene(turn.user_text):
+            seen = await self.looker.look_now(turn.user_text)
+        if seen is not None:
+            turn.history_text = f"{turn.user_text}\n[camera: {quote(seen)}]"
+        return self._compose(turn.user_text, seen)
 
     async def _run_turn(self, turn: Turn) -> None:
         try:
-            turn.messages = await self._prompt(turn.user_text)
+            turn.messages = await self._prompt(turn)
             await turn.run()
         except* VoxlensError as group:
             for e in group.exceptions:
@@ -291,4 +302,4 @@ class Session:
                 self.on_error(e)
         finally:
             if turn.released.is_set():
-                self.history.add(turn.user_text, turn.text.strip())
+                self.history.add(turn.history_text or turn.user_text, turn.text.strip())

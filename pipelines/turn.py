@@ -48,6 +48,7 @@ class Turn:
     clock: Callable[[], float] = time.monotonic
     session_id: str | None = None
     on_metrics: Callable[[dict[str, float]], None] | None = None
+    history_text: str | None = None  # the user's words as history keeps them (if not user_text)
     text: str = ""  # reply text generated so far
     spoken: list[SpokenChunk] = field(default_factory=list)  # chunks whose audio was sent
     released: asyncio.Event = field(default_factory=asyncio.Event)

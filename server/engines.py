@@ -19,7 +19,7 @@ from pipelines.listener import ListenerConfig
 from pipelines.segmenter import SegmenterConfig
 from pipelines.session import Engines, SessionConfig
 from pipelines.turn import TurnConfig
-from pipelines.vision import VisionConfig
+from pipelines.vision import CAMERA_RULE, VisionConfig
 from server.settings import Settings
 from streaming.errors import ModelNotFound
 
@@ -43,7 +43,10 @@ def build_engines(settings: Settings, compute: Compute) -> Engines:
     else:
         llama = LlamaLlm(models.llm_model(m.model, cache), compute, n_ctx=m.n_ctx,
                          threads=m.threads, temperature=m.temperature, name=f"llama.cpp:{m.model}")
-        llama.warm_up(m.system_prompt)
+        system = m.system_prompt  # warm the cache with the prompt sessions will start with
+        if settings.vision.engine != "none":
+            system = f"{system}\n\n{CAMERA_RULE}"
+        llama.warm_up(system)
         llm = llama
     log.info("LLM ready: %s", llm.name)
     model_path, config_path = models.piper_voice(settings.tts.voice)

@@ -32,8 +32,10 @@ def testdata() -> Path:
 def server() -> Iterator[Server]:
     """The real server with the default embedded models."""
     # WebRTC: host candidates on loopback only, so test traffic never leaves 127.0.0.1
+    # greedy decoding: the small LLM's answers are reproducible from run to run
     s = spawn_server(ARTIFACTS / "server-default.log",
-                     env={"VOXLENS_WEBRTC__HOST_ADDRESSES": '["127.0.0.1"]'})
+                     env={"VOXLENS_WEBRTC__HOST_ADDRESSES": '["127.0.0.1"]',
+                          "VOXLENS_LLM__TEMPERATURE": "0"})
     yield s
     s.stop()
 

@@ -58,7 +58,7 @@ def test_vision_engine_is_chosen_in_settings(tmp_path: Path) -> None:
                                        "base_url": "http://127.0.0.1:9/v1"})
         vlm = build_vision(remote, compute, tmp_path)
         assert isinstance(vlm, OpenAiVlm) and vlm.name == "openai-vision:qwen2-vl"
-        with pytest.raises(ModelNotFound, match="vision.model"):
+        with pytest.raises(ModelNotFound, match=r"vision\.model"):
             build_vision(load_settings(vision={"engine": "transformers"}), compute, tmp_path)
     finally:
         compute.close()
