@@ -16,7 +16,7 @@ import numpy as np
 from pipelines.compute import Priority
 from pipelines.engines.base import Asr, ChatMessage
 from pipelines.segmenter import End, Segmenter
-from pipelines.session import Engines, SessionConfig
+from pipelines.session import Engines, SessionConfig, fixed_system_prompt
 from streaming.audio import Float32Array, float_to_pcm16, resample
 from streaming.channels import Channel
 from streaming.events import (
@@ -89,8 +89,8 @@ class NaiveSession:
                                            priority=Priority.ASR_FINAL)
             t_asr = time.monotonic()
             await self.events.put(Transcript(turn, heard.text, True, heard.language))
-            messages = [ChatMessage("system", self.config.system_prompt),
-                        ChatMessage("user", heard.text)]
+            system = fixed_system_prompt(self.config.system_prompt, vision=e.vlm is not None)
+            messages = [ChatMessage("system", system), ChatMessage("user", heard.text)]
             text = "".join([d async for d in e.llm.stream(messages,
                                                           max_tokens=self.config.turn.max_tokens)])
             t_llm = time.monotonic()

@@ -68,6 +68,12 @@ class SessionConfig:
     event_queue: int = 512
 
 
+def fixed_system_prompt(instructions: str, *, vision: bool) -> str:
+    """The fixed start of every prompt. Kept identical from turn to turn (and for the LLM's
+    warm-up) so llama.cpp's prompt cache holds it."""
+    return f"{instructions}\n\n{CAMERA_RULE}" if vision else instructions
+
+
 class _Stop(Exception):
     pass
 
@@ -266,21 +272,19 @@ class Session:
         turn.release(speech_end)
 
     def system_prompt(self) -> str:
-        """The fixed part of the system prompt (kept identical so the LLM's cache holds it)."""
-        if self.looker is None:
-            return self.config.system_prompt
-        return f"{self.config.system_prompt}\n\n{CAMERA_RULE}"
+        return fixed_system_prompt(self.config.system_prompt, vision=self.looker is not None)
 
     def _compose(self, user_text: str, seen: str | None = None) -> list[ChatMessage]:
-        """System prompt, history and the new user message, with what the camera showed: the
-        recent observations after the fixed system prompt; for a turn about the scene, the fresh
-        observation ``seen`` rides on the user's words instead (where a small model attends)."""
-        system, said = self.system_prompt(), user_text
+        """Fixed system prompt, history, then the user's words followed by what the camera
+        showed: the fresh observation ``seen`` for a turn about the scene, else the recent
+        ones. Camera lines come last so the prompt's long head stays in the LLM's cache (and
+        a prefill from a partial transcript still matches)."""
+        said = user_text
         if seen is not None:
             said = f"{user_text}\n[camera, now: {quote(seen)}]"
         elif self.looker is not None and (block := self.looker.prompt_block()):
-            system = f"{system}\n{block}"
-        return self.history.prompt(system, said)
+            said = f"{user_text}\n{block}"
+        return self.history.prompt(self.system_prompt(), said)
 
     async def _prompt(self, turn: Turn) -> list[ChatMessage]:
         """Look at the scene first when the turn is about it, then compose the prompt. The

@@ -105,8 +105,12 @@ def quote(text: str) -> str:
 
 
 def _age(seconds: float) -> str:
-    s = max(0, round(seconds))
-    return "now" if s < 3 else f"{s} s ago" if s < 120 else f"{s // 60} min ago"
+    """Coarse on purpose: a prompt that does not change from second to second stays in the
+    LLM's cache between a partial transcript's prefill and the final prompt."""
+    s = max(0, int(seconds))
+    if s < 5:
+        return "now"
+    return f"{s // 10 * 10 or 5} s ago" if s < 120 else f"{s // 60} min ago"
 
 
 class Looker:

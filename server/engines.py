@@ -17,9 +17,9 @@ from pipelines.engines.vlm_openai import OpenAiVlm
 from pipelines.engines.vlm_scene import SceneVlm
 from pipelines.listener import ListenerConfig
 from pipelines.segmenter import SegmenterConfig
-from pipelines.session import Engines, SessionConfig
+from pipelines.session import Engines, SessionConfig, fixed_system_prompt
 from pipelines.turn import TurnConfig
-from pipelines.vision import CAMERA_RULE, VisionConfig
+from pipelines.vision import VisionConfig
 from server.settings import Settings
 from streaming.errors import ModelNotFound
 
@@ -43,10 +43,9 @@ def build_engines(settings: Settings, compute: Compute) -> Engines:
     else:
         llama = LlamaLlm(models.llm_model(m.model, cache), compute, n_ctx=m.n_ctx,
                          threads=m.threads, temperature=m.temperature, name=f"llama.cpp:{m.model}")
-        system = m.system_prompt  # warm the cache with the prompt sessions will start with
-        if settings.vision.engine != "none":
-            system = f"{system}\n\n{CAMERA_RULE}"
-        llama.warm_up(system)
+        # warm the cache with the prompt every session starts with
+        llama.warm_up(fixed_system_prompt(m.system_prompt,
+                                          vision=settings.vision.engine != "none"))
         llm = llama
     log.info("LLM ready: %s", llm.name)
     model_path, config_path = models.piper_voice(settings.tts.voice)

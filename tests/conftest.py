@@ -85,3 +85,40 @@ async def until(predicate, timeout_s: float = 30, step_s: float = 0.05) -> None:
         while not await check():  # noqa: ASYNC110 (the state lives in another process or thread)
             await asyncio.sleep(step_s)
     await asyncio.wait_for(poll(), timeout_s)
+
+
+TINY_BLIP_WORDS = ["a", "cat", "cup", "photo", "of", "the", "what", "is", "this", "dog", "on", "table"]
+
+
+@pytest.fixture(scope="session")
+def tiny_blip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import (
+        BertTokenizerFast,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    out = tmp_path_factory.mktemp("tiny-blip")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *TINY_BLIP_WORDS]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True,
+                                  bos_token="[DEC]")
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 37}
+    config = BlipConfig(
+        text_config={**small, "vocab_size": len(tokenizer), "bos_token_id": 5, "pad_token_id": 0,
+                     "sep_token_id": 3, "eos_token_id": 3, "max_position_embeddings": 64},
+        vision_config={**small, "image_size": 32, "patch_size": 8}, projection_dim=32)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config)
+    with torch.no_grad():  # random weights, but an output layer that prefers real words
+        head = model.text_decoder.get_output_embeddings()
+        head.bias.fill_(-10.0)
+        head.bias[6:] = torch.linspace(5.0, 6.0, len(TINY_BLIP_WORDS))
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -85,3 +85,40 @@ async def test_a_background_flood_does_not_starve_another_sessions_final(whisper
     # (at most max_batch items of the flood), before the rest of the flood
     after_b = len(done) - 1 - done.index("B")
     assert after_b >= 12 - compute.lane("asr")._policy.max_batch
+
+
+async def test_a_camera_flood_does_not_starve_another_session(server: Server, voice) -> None:  # type: ignore[no-untyped-def]
+    """Session A floods the server with changing camera frames while session B speaks: B's
+    turn completes correctly, and A's frames are mostly dropped (keep-latest), never queued."""
+    import base64
+
+    from skimage import data as photos
+
+    from streaming.images import encode_jpeg
+
+    frames = [base64.b64encode(encode_jpeg(p)).decode()
+              for p in (photos.chelsea(), photos.coffee(), photos.astronaut(), photos.rocket())]
+
+    async def vision_runs() -> float:
+        async with aiohttp.ClientSession() as http, http.get(f"{server.http}/metrics") as r:
+            text = await r.text()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith('voxlens_run_seconds_count{lane="vision"'))
+
+    before = await vision_runs()
+    audio, rate = speak(voice, "What is the capital of France?")
+    async with VoxlensClient(server.ws) as flooder, VoxlensClient(server.ws) as speaker:
+        async def flood() -> None:
+            for k in range(60):
+                await flooder.send({"type": "image", "data": frames[k % len(frames)]})
+                await asyncio.sleep(0.05)
+
+        flooding = asyncio.create_task(flood())
+        await speaker.stream_audio(audio, rate)
+        reply = await speaker.wait_reply(timeout_s=90)
+        await flooding
+        await flooder.wait_for(lambda: any(e["type"] == "scene" for e in flooder.events), 30)
+    assert reply.transcript and "capital of france" in reply.transcript.lower()
+    assert "paris" in reply.text.lower()
+    looked = await vision_runs() - before
+    assert 1 <= looked < 20  # 60 frames sent: most were replaced by newer ones before a look

@@ -130,3 +130,27 @@ async def test_vision_ask_multipart_and_json(server: Server) -> None:
         async with http.post(f"{server.http}/v1/vision/ask", data=b"junk",
                              headers={"Content-Type": "application/json"}) as r:
             assert r.status == 400
+
+
+async def test_vision_ask_with_a_transformers_model(tiny_blip) -> None:  # type: ignore[no-untyped-def]
+    """The same endpoint on a server configured with vision.engine=transformers (tiny BLIP)."""
+    from server.launch import spawn_server
+    from tests.conftest import ARTIFACTS, TINY_BLIP_WORDS
+
+    server = spawn_server(ARTIFACTS / "server-transformers.log", env={
+        "VOXLENS_VISION__ENGINE": "transformers", "VOXLENS_VISION__MODEL": str(tiny_blip),
+        "VOXLENS_LLM__MODEL": "smollm2-135m", "HF_HUB_OFFLINE": "1"})
+    try:
+        form = aiohttp.FormData()
+        form.add_field("image", encode_jpeg(photos.coffee()), filename="c.jpg",
+                       content_type="image/jpeg")
+        form.add_field("question", "what is this")
+        async with aiohttp.ClientSession() as http, \
+                http.post(f"{server.http}/v1/vision/ask", data=form) as r:
+            assert r.status == 200
+            body = await r.json()
+    finally:
+        server.stop()
+    assert body["model"] == f"transformers:{tiny_blip}"
+    assert set(body["observations"][0].split()) <= {*TINY_BLIP_WORDS, "[unk]"}
+    assert isinstance(body["answer"], str)
