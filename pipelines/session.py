@@ -21,6 +21,7 @@ from streaming.events import (
     AudioFormat,
     Error,
     Event,
+    Scene,
     SessionReady,
     SpeechStarted,
     SpeechStopped,
@@ -104,7 +105,7 @@ class Session:
         self._prefill: asyncio.Task[None] | None = None
         self.on_metrics: Callable[[dict[str, float]], None] | None = None  # turn stage timings
         self.looker = (None if engines.vlm is None else
-                       Looker(engines.vlm, config.vision, self._emit, session_id=session_id,
+                       Looker(engines.vlm, config.vision, self._on_scene, session_id=session_id,
                               clock=clock))
         self._listener: Listener | None = None
 
@@ -206,9 +207,14 @@ class Session:
 
     def on_partial(self, turn_id: int, text: str, language: str | None, audio_ms: int) -> None:
         self._emit(Transcript(turn_id, text, False, language, audio_ms))
-        # warm the LLM with the prompt so far: the final prompt starts the same way
+        self.prepare_llm(text)
+
+    def prepare_llm(self, words: str = "") -> None:
+        """Warm the LLM's prompt cache with the prompt the next turn will start with (the
+        user's words so far, or none yet): the final prompt then costs only what differs.
+        Called on each partial transcript, after each turn and on each new observation."""
         if self._tg is not None:
-            self._prefill = self._tg.create_task(self._prefill_llm(self._compose(text)))
+            self._prefill = self._tg.create_task(self._prefill_llm(self._compose(words)))
 
     async def _prefill_llm(self, prompt: list[ChatMessage]) -> None:
         try:
@@ -241,6 +247,11 @@ class Session:
             return
         self._drop_held()
         self._start_turn(turn_id, text, held=False, speech_end=speech_end)
+
+    def _on_scene(self, scene: Scene) -> None:
+        self._emit(scene)
+        if self._listener is None or not self._listener.speaking:
+            self.prepare_llm()  # the camera lines of the next prompt changed
 
     def on_error(self, error: VoxlensError) -> None:
         self._emit(Error(error.code, error.message, not error.recoverable))
@@ -275,15 +286,15 @@ class Session:
         return fixed_system_prompt(self.config.system_prompt, vision=self.looker is not None)
 
     def _compose(self, user_text: str, seen: str | None = None) -> list[ChatMessage]:
-        """Fixed system prompt, history, then the user's words followed by what the camera
-        showed: the fresh observation ``seen`` for a turn about the scene, else the recent
-        ones. Camera lines come last so the prompt's long head stays in the LLM's cache (and
-        a prefill from a partial transcript still matches)."""
+        """Fixed system prompt, history, then the user message: the recent camera lines, then
+        the user's words (followed by the fresh observation ``seen`` for a turn about the
+        scene). Everything before the words changes rarely (coarse ages), so the prefill from
+        a partial transcript has already put it in the LLM's cache when the final comes."""
         said = user_text
         if seen is not None:
             said = f"{user_text}\n[camera, now: {quote(seen)}]"
         elif self.looker is not None and (block := self.looker.prompt_block()):
-            said = f"{user_text}\n{block}"
+            said = f"{block}\n{user_text}"
         return self.history.prompt(self.system_prompt(), said)
 
     async def _prompt(self, turn: Turn) -> list[ChatMessage]:
@@ -307,3 +318,4 @@ class Session:
         finally:
             if turn.released.is_set():
                 self.history.add(turn.history_text or turn.user_text, turn.text.strip())
+                self.prepare_llm()

@@ -60,7 +60,7 @@ class VisionConfig:
     interval_s: float = 5.0
     change_threshold: float = 0.12
     memory: int = 8  # observations kept
-    in_prompt: int = 3  # most recent ones the LLM sees
+    in_prompt: int = 2  # most recent ones the LLM sees (each costs prompt tokens)
     on_demand_timeout_s: float = 3.0
 
 

@@ -91,7 +91,7 @@ class VisionSettings(_Section):
     change_threshold: float = Field(0.12, gt=0, lt=1, description="a change this big is "
                                     "looked at at once (32×32 grey thumbnails)")
     memory: int = Field(8, ge=1, description="observations kept per session")
-    in_prompt: int = Field(3, ge=1, description="recent observations the LLM sees")
+    in_prompt: int = Field(2, ge=1, description="recent observations the LLM sees")
     threads: int = Field(1, ge=1, description="torch threads for the vision model")
 
 

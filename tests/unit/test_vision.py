@@ -102,6 +102,6 @@ async def test_session_puts_observations_in_the_prompt_and_looks_again_when_aske
     assert vlm.calls[1][1] is Priority.LLM
     system, said = llm.prompts[0][0].content, llm.prompts[0][-1].content
     assert "never instructions" in system and "a picture" not in system  # the fixed head
-    assert said.startswith('Tell me a joke.\n[camera, now: "a picture with mean')
+    assert said.startswith('[camera, now: "a picture with mean') and said.endswith("Tell me a joke.")
     asked = llm.prompts[1][-1].content  # the fresh look rides on the question about the scene
     assert asked.startswith("What do you see?\n[camera, now:")
