@@ -51,10 +51,10 @@ class Lane:
     """One worker thread and its policy."""
 
     def __init__(self, name: str, compute: Compute, max_batch: int, gather_s: float,
-                 fifo: bool) -> None:
+                 fifo: bool, order: Sequence[Priority] | None) -> None:
         self.name = name
         self._compute = compute
-        self._policy = Policy(max_batch, fifo=fifo)
+        self._policy = Policy(max_batch, fifo=fifo, order=order)
         self._gather_s = gather_s
         self._cv = threading.Condition()
         self._stopped = False
@@ -152,10 +152,14 @@ class Compute:
 
     def __init__(self, *, max_batch: int = 4, gather_ms: float = 3.0,
                  admission_wait_ms: float = 1000.0, fifo: bool = False,
+                 order: Sequence[Priority] | None = None,
                  metrics: ComputeMetrics | None = None) -> None:
-        """``fifo``: plain first-come-first-served lanes, no cross-lane priority (a baseline
+        """``order``: work classes most urgent first (default ``Priority``'s order);
+        ``fifo``: plain first-come-first-served lanes, no cross-lane priority (a baseline
         for benchmarks, not for production)."""
         self._lanes: dict[str, Lane] = {}
+        self._order = list(order) if order is not None else None
+        Policy(order=self._order)  # refuse a bad order now, not in a lane thread
         self.fifo = fifo
         self._max_batch = max_batch
         self._gather_s = gather_ms / 1000
@@ -169,7 +173,8 @@ class Compute:
     def lane(self, name: str) -> Lane:
         with self._lock:
             if name not in self._lanes:
-                self._lanes[name] = Lane(name, self, self._max_batch, self._gather_s, self.fifo)
+                self._lanes[name] = Lane(name, self, self._max_batch, self._gather_s, self.fifo,
+                                         self._order)
             return self._lanes[name]
 
     def saturated(self) -> bool:

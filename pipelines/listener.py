@@ -38,6 +38,8 @@ from streaming.audio import MODEL_RATE, Float32Array
 from streaming.channels import Channel
 from streaming.errors import VoxlensError
 
+PARTIAL_DEADLINE_S = 3.0  # a partial transcript later than this is dropped
+
 # Whisper's favourite inventions on silence and noise, normalised (lowercase, no punctuation).
 HALLUCINATIONS = frozenset({
     "you", "thank you", "thanks", "thank you very much", "thanks for watching",
@@ -196,9 +198,12 @@ class Listener:
         """A partial transcript. A newer partial of this session supersedes it while it is
         still queued (the scheduler drops it unrun: it would be stale)."""
         try:
-            result = await self._asr.transcribe(
+            result = await asyncio.wait_for(self._asr.transcribe(
                 audio, language=utt.language, priority=Priority.ASR_PARTIAL,
-                session=self.session_id, key=("partial", self.session_id))
+                session=self.session_id, key=("partial", self.session_id)),
+                PARTIAL_DEADLINE_S)
+        except TimeoutError:  # a partial this late is worth nothing (cancelling drops it)
+            return
         except Dropped:
             return
         except VoxlensError as e:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import enum
 import itertools
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -60,9 +60,15 @@ class Policy:
     """The queue of one lane. ``fifo=True`` is the plain first-come-first-served baseline
     (no classes, no fairness, nothing superseded), kept to measure what the policy buys."""
 
-    def __init__(self, max_batch: int = 4, *, fifo: bool = False) -> None:
+    def __init__(self, max_batch: int = 4, *, fifo: bool = False,
+                 order: Sequence[Priority] | None = None) -> None:
+        """``order``: the classes, most urgent first (default: ``Priority``'s own order)."""
         self.max_batch = max_batch
         self.fifo = fifo
+        ranked = list(order) if order is not None else sorted(Priority)
+        if sorted(ranked) != sorted(Priority):
+            raise ValueError("the priority order must name every work class exactly once")
+        self._class_rank = {p: i for i, p in enumerate(ranked)}
         self._queued: list[Work] = []
         self._served: dict[tuple[Priority, str | None], int] = {}  # last service, by class
         self._turn = itertools.count(1)
@@ -101,7 +107,7 @@ class Policy:
     def _rank(self, w: Work) -> tuple[int, int, int]:
         if self.fifo:
             return (0, 0, w.seq)
-        return (w.priority, self._served.get((w.priority, w.session), 0), w.seq)
+        return (self._class_rank[w.priority], self._served.get((w.priority, w.session), 0), w.seq)
 
     def peek(self) -> Work | None:
         """The work ``next`` would hand out first (None when idle)."""

@@ -213,8 +213,13 @@ class Session:
         """Warm the LLM's prompt cache with the prompt the next turn will start with (the
         user's words so far, or none yet): the final prompt then costs only what differs.
         Called on each partial transcript, after each turn and on each new observation."""
-        if self._tg is not None:
-            self._prefill = self._tg.create_task(self._prefill_llm(self._compose(words)))
+        if self._tg is None or self._stop.is_set():
+            return
+        job = self._prefill_llm(self._compose(words))
+        try:
+            self._prefill = self._tg.create_task(job)
+        except RuntimeError:  # the session is shutting down
+            job.close()
 
     async def _prefill_llm(self, prompt: list[ChatMessage]) -> None:
         try:

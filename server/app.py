@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from pipelines.compute import Compute
+from pipelines.compute import Compute, Priority
 from pipelines.session import Engines
 from server.engines import build_engines, session_config
 from server.rtc import offer, setup_webrtc, webrtc_config
@@ -90,7 +90,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engines
     app = web.Application(client_max_size=MAX_IMAGE_MESSAGE_BYTES)  # /v1/vision/ask takes images
     sched = settings.scheduler
     compute = Compute(max_batch=sched.max_batch, gather_ms=sched.gather_ms,
-                      admission_wait_ms=sched.admission_wait_ms, fifo=sched.fifo)
+                      admission_wait_ms=sched.admission_wait_ms, fifo=sched.fifo,
+                      order=[Priority[name.upper()] for name in sched.order])
     app[STATE] = AppState(settings, compute, session_config(settings))
     setup_webrtc(settings)
 

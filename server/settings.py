@@ -95,6 +95,11 @@ class VisionSettings(_Section):
     threads: int = Field(1, ge=1, description="torch threads for the vision model")
 
 
+WorkClass = Literal["asr_final", "tts_first", "llm", "tts_rest", "asr_partial", "vision"]
+DEFAULT_ORDER: list[WorkClass] = ["asr_final", "tts_first", "llm", "tts_rest", "asr_partial",
+                                  "vision"]
+
+
 class SchedulerSettings(_Section):
     max_batch: int = Field(4, ge=1, description="most items an engine runs as one batch "
                            "(CPU: small, a batch cannot be interrupted; GPU: 16 or more)")
@@ -104,6 +109,8 @@ class SchedulerSettings(_Section):
                                      "urgent work waited longer than this on average (10 s)")
     fifo: bool = Field(False, description="plain first-come-first-served instead of the "
                        "policy (a benchmark baseline)")
+    order: list[WorkClass] = Field(default_factory=lambda: list(DEFAULT_ORDER),
+                                   description="work classes, most urgent first (each once)")
 
 
 class IceServer(_Section):

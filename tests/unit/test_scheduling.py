@@ -170,3 +170,13 @@ def test_fifo_baseline_ignores_classes_and_keys() -> None:
     b = Work(P.ASR_FINAL, "b", key="k")
     assert p.add(a, 0.0) == [] and p.add(b, 0.0) == []  # nothing superseded
     assert [w for batch in drain(p) for w in batch] == [a, b]  # arrival order
+
+
+def test_class_order_is_configurable() -> None:
+    p = Policy(order=[P.VISION, P.ASR_FINAL, P.TTS_FIRST, P.LLM, P.TTS_REST, P.ASR_PARTIAL])
+    final, frame = Work(P.ASR_FINAL, "a"), Work(P.VISION, "b")
+    p.add(final, 0.0)
+    p.add(frame, 0.0)
+    assert p.next(0.0) == [frame]
+    with pytest.raises(ValueError, match="exactly once"):
+        Policy(order=[P.ASR_FINAL, P.ASR_FINAL])
