@@ -37,9 +37,10 @@ class LlamaLlm:
 
     async def prefill(self, messages: Sequence[ChatMessage], *, session: str | None = None) -> None:
         """Evaluate a prompt ahead of time at background priority. llama.cpp keeps the
-        evaluated tokens, so the real prompt pays only for the tokens that differ."""
+        evaluated tokens, so the real prompt pays only for the tokens that differ. One context
+        holds one prompt, so a newer prefill (of any session) supersedes a queued one."""
         await self._compute.call("llm", Priority.ASR_PARTIAL, self._evaluate, _payload(messages),
-                                 session=session, key=("prefill", session))
+                                 session=session, key="prefill")
 
     def _evaluate(self, payload: Any) -> None:
         self._llama.create_chat_completion(payload, max_tokens=1)
