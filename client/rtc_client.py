@@ -4,7 +4,6 @@ the camera, reply audio recorded (used by `voxlens talk --transport webrtc`, tes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fractions
 import json
 import time
@@ -18,13 +17,13 @@ import numpy as np
 import numpy.typing as npt
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaPlayer
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
+from aiortc.mediastreams import MediaStreamTrack, VideoStreamTrack
 
 from client.events import EventLog
 from client.wavio import last_voiced_sample
 from streaming.audio import Float32Array, float_to_pcm16, resample
 from streaming.channels import Channel, Full
-from streaming.webrtc import EVENTS_LABEL, PcmTrack, restrict_host_candidates
+from streaming.webrtc import EVENTS_LABEL, PcmTrack, mono_pcm, restrict_host_candidates
 
 RATE = 48_000
 SILENT_PEAK = 64  # a received frame quieter than this (of 32768) counts as silence
@@ -177,17 +176,11 @@ class WebRtcClient(EventLog):
 
     async def _record(self, track: MediaStreamTrack) -> None:
         """Reply audio as 48 kHz mono s16le; silence before a turn's first audio is skipped."""
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
-        with contextlib.suppress(MediaStreamError):
-            while True:
-                frame = await track.recv()
-                assert isinstance(frame, av.AudioFrame)
-                for out in resampler.resample(frame):
-                    pcm = out.to_ndarray().reshape(-1)
-                    turn = self.turns.get(self._current) if self._current is not None else None
-                    if turn is None or (not turn.audio and np.abs(pcm).max() < SILENT_PEAK):
-                        continue
-                    await self.add_audio(pcm.astype("<i2").tobytes())
+        async for pcm in mono_pcm(track, RATE):
+            turn = self.turns.get(self._current) if self._current is not None else None
+            if turn is None or (not turn.audio and np.abs(pcm).max() < SILENT_PEAK):
+                continue
+            await self.add_audio(pcm.astype("<i2").tobytes())
 
     def send(self, message: dict[str, Any]) -> None:
         assert self._channel is not None

@@ -16,11 +16,12 @@ import contextlib
 import fractions
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import aioice.ice
 import av
 import numpy as np
+import numpy.typing as npt
 from aiortc import RTCDataChannel, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
@@ -44,6 +45,18 @@ FRAME_SAMPLES = OUT_RATE * FRAME_MS // 1000
 EVENTS_LABEL = "events"
 PENDING_EVENTS = 256  # events kept while the data channel is not open yet
 FRAME_EVERY_S = 0.25  # camera frames handed to the session at most this often
+
+
+async def mono_pcm(track: MediaStreamTrack, rate: int) -> AsyncIterator[npt.NDArray[np.int16]]:
+    """An audio track's frames as mono s16 at ``rate`` until the track ends. av's resampler
+    reads each frame's channel layout, so stereo is averaged, never mislabelled."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+    with contextlib.suppress(MediaStreamError):
+        while True:
+            frame = await track.recv()
+            assert isinstance(frame, av.AudioFrame)
+            for out in resampler.resample(frame):
+                yield np.asarray(out.to_ndarray(), dtype=np.int16).reshape(-1)
 
 
 def restrict_host_candidates(addresses: Iterable[str]) -> None:
@@ -232,14 +245,8 @@ class WebRtcAdapter:
         self._done.set()  # the session ended on its own
 
     async def _audio_in(self, track: MediaStreamTrack) -> None:
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=16_000)
-        with contextlib.suppress(MediaStreamError):
-            while True:
-                frame = await track.recv()
-                assert isinstance(frame, av.AudioFrame)
-                for out in resampler.resample(frame):
-                    pcm = out.to_ndarray().reshape(-1)
-                    await self.session.push_audio(pcm.astype(np.float32) / 32768.0)
+        async for pcm in mono_pcm(track, 16_000):
+            await self.session.push_audio(pcm.astype(np.float32) / 32768.0)
 
     async def _video_in(self, track: MediaStreamTrack) -> None:
         """Read every frame (so aiortc's queue never grows), keep only the newest, and hand
