@@ -72,6 +72,7 @@ function onEvent(ev) {
       }
       break;
     case "reply.started": {
+      $("reply").muted = false;
       replyTurn = ev.turn_id;
       replyStartMs = vx.receivedMs;
       vx.replies[ev.turn_id] = "";
@@ -232,7 +233,13 @@ $("mute").onclick = () => {
   $("mute").setAttribute("aria-pressed", String(!track.enabled));
   $("mute").textContent = track.enabled ? "Mute" : "Unmute";
 };
-$("stop").onclick = () => send({ type: "interrupt" });
+// Stop silences the current reply here at once and tells the server (which stops generating
+// it once barge-in support lands); the next reply plays again.
+$("stop").onclick = () => {
+  $("reply").muted = true;
+  send({ type: "interrupt" });
+  setState("listening", "listening");
+};
 $("typed").onsubmit = (e) => {
   e.preventDefault();
   const text = $("text").value.trim();
