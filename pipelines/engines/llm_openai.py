@@ -11,6 +11,16 @@ from pipelines.engines.base import ChatMessage, approx_tokens
 from streaming.errors import EngineError
 
 
+def chat_completions_url(base_url: str) -> str:
+    return base_url.rstrip("/") + "/chat/completions"
+
+
+def openai_client(api_key: str | None, timeout_s: float) -> httpx.AsyncClient:
+    """An HTTP client for an OpenAI-compatible server (bearer key when one is given)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s))
+
+
 class OpenAiLlm:
     """Streams ``POST {base_url}/chat/completions`` with ``stream: true`` (server-sent events).
 
@@ -20,11 +30,10 @@ class OpenAiLlm:
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None,
                  temperature: float = 0.3, timeout_s: float = 30.0) -> None:
         self.name = f"openai:{model}"
-        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._url = chat_completions_url(base_url)
         self._model = model
         self._temperature = temperature
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s))
+        self._client = openai_client(api_key, timeout_s)
 
     async def prefill(self, messages: Sequence[ChatMessage], *, session: str | None = None) -> None:
         """Nothing to do: servers such as vLLM cache prompt prefixes on their own."""

@@ -9,6 +9,7 @@ from collections.abc import Hashable
 import httpx
 
 from pipelines.compute import Priority
+from pipelines.engines.llm_openai import chat_completions_url, openai_client
 from streaming.errors import EngineError
 from streaming.images import Image, encode_jpeg
 
@@ -23,11 +24,10 @@ class OpenAiVlm:
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None,
                  max_tokens: int = 120, timeout_s: float = 30.0) -> None:
         self.name = f"openai-vision:{model}"
-        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._url = chat_completions_url(base_url)
         self._model = model
         self._max_tokens = max_tokens
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s))
+        self._client = openai_client(api_key, timeout_s)
 
     async def look(self, image: Image, *, question: str | None = None,
                    priority: Priority = Priority.VISION, session: str | None = None,
