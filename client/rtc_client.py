@@ -51,7 +51,8 @@ class MicrophoneTrack(PcmTrack):
     async def drained(self) -> None:
         await self._drained.wait()
 
-    def _sent(self, chunk: bytes) -> None:
+    def _take(self, n: int) -> bytes:
+        chunk = super()._take(n)
         if self._voiced_end is not None:
             self._voiced_end -= len(chunk)
             if self._voiced_end <= 0:
@@ -59,6 +60,7 @@ class MicrophoneTrack(PcmTrack):
                 self._voiced_end = None
         if not self._buf:
             self._drained.set()
+        return chunk
 
 
 def load_image(path: str | Path) -> npt.NDArray[np.uint8]:

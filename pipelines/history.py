@@ -22,8 +22,11 @@ class History:
         self._count = count_tokens
         self.exchanges: list[Exchange] = []
 
-    def add(self, user: str, assistant: str) -> None:
-        self.exchanges.append(Exchange(user, assistant))
+    def add(self, user: str, assistant: str) -> Exchange:
+        """Append an exchange; it may be amended later (a reply cut off while playing)."""
+        exchange = Exchange(user, assistant)
+        self.exchanges.append(exchange)
+        return exchange
 
     def prompt(self, system: str, user: str) -> list[ChatMessage]:
         """System prompt, as many recent exchanges as fit, then the new user message."""

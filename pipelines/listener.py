@@ -31,9 +31,10 @@ from typing import Protocol
 
 import numpy as np
 
+from pipelines.bargein import endpoint_silence_ms
 from pipelines.compute import Dropped, Priority
 from pipelines.engines.base import Asr, AsrResult, Vad
-from pipelines.segmenter import End, Onset, Pause, Resume, Segmenter, SegmenterConfig
+from pipelines.segmenter import End, Noise, Onset, Pause, Resume, Segmenter, SegmenterConfig, Voice
 from streaming.audio import MODEL_RATE, Float32Array
 from streaming.channels import Channel
 from streaming.errors import VoxlensError
@@ -70,8 +71,19 @@ def is_hallucination(result: AsrResult, voiced_ms: int) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    """Endpoint silence by what the transcript so far says (the segmenter's ``silence_ms`` is
+    the normal case): shorter after a complete question, longer when the person trails off."""
+
+    adaptive: bool = True
+    question_ms: int = 350
+    incomplete_ms: int = 1100
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     partial_interval_ms: int = 700
     partial_min_ms: int = 400  # no partial of less speech than this
     speculative_final: bool = True
@@ -79,6 +91,14 @@ class ListenerConfig:
 
 class Conversation(Protocol):
     """What the listener tells the conversation (implemented by Session)."""
+
+    def on_voice(self, t_ms: int) -> None:
+        """Voice since ``t_ms``, not yet confirmed as speech (barge-in pauses the reply)."""
+        ...
+
+    def on_noise(self, t_ms: int) -> None:
+        """What ``on_voice`` announced was not speech after all."""
+        ...
 
     def on_speech_started(self, t_ms: int) -> int:
         """Speech began; returns the turn id the utterance will carry."""
@@ -138,6 +158,11 @@ class Listener:
     def speaking(self) -> bool:
         return self._seg.speaking
 
+    @property
+    def voicing(self) -> bool:
+        """Speaking and not in a pause."""
+        return self._seg.speaking and not self._seg.paused
+
     async def run(self, audio: Channel[Float32Array], tg: asyncio.TaskGroup) -> None:
         """Consume 16 kHz mono audio until the channel closes. Cancelling it stops listening;
         ASR tasks it started belong to ``tg`` and are cancelled with it."""
@@ -157,6 +182,10 @@ class Listener:
             self._last_voiced_wall = self._clock()
         for ev in self._seg.push(frame, prob):
             match ev:
+                case Voice(t_ms):
+                    self._conv.on_voice(t_ms)
+                case Noise(t_ms):
+                    self._conv.on_noise(t_ms)
                 case Onset(t_ms):
                     self._utt = _Utterance(self._conv.on_speech_started(t_ms), self.language,
                                            partial_at=self._samples)
@@ -212,14 +241,23 @@ class Listener:
         if utt.language is None:
             utt.language = result.language
         if self._utt is utt and not self._seg.paused and not is_hallucination(result, 10_000):
+            self._adapt_endpoint(result.text)
             self._conv.on_partial(utt.turn_id, result.text, result.language, audio_ms)
 
     async def _speculate(self, utt: _Utterance, audio: Float32Array, voiced_ms: int) -> AsrResult:
         result = await self._asr.transcribe(audio, language=utt.language,
                                             priority=Priority.ASR_FINAL, session=self.session_id)
         if self._utt is utt and self._seg.paused and not is_hallucination(result, voiced_ms):
+            self._adapt_endpoint(result.text)
             self._conv.on_tentative(utt.turn_id, result.text, result.language)
         return result
+
+    def _adapt_endpoint(self, text: str) -> None:
+        e = self.config.endpoint
+        if e.adaptive:
+            self._seg.silence_ms = endpoint_silence_ms(
+                text, question_ms=e.question_ms, normal_ms=self.config.segmenter.silence_ms,
+                incomplete_ms=e.incomplete_ms)
 
     async def _finish(self, utt: _Utterance, audio: Float32Array, voiced_ms: int,
                       speech_end: float, previous: asyncio.Task[None] | None) -> None:

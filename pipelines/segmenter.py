@@ -19,9 +19,24 @@ class SegmenterConfig:
     threshold: float = 0.5  # a frame at or above this is voiced
     neg_threshold: float = 0.35  # a frame below this is silent (in between: keeps the state)
     min_speech_ms: int = 250  # voiced time needed before an utterance counts
+    voice_ms: int = 96  # voiced time that may be speech starting (barge-in pauses the reply)
     silence_ms: int = 500  # silence after the last voiced frame that ends an utterance
     pad_ms: int = 200  # audio kept before the first and after the last voiced frame
     max_utterance_ms: int = 30_000  # an utterance is cut here (Whisper's window)
+
+
+@dataclass(frozen=True, slots=True)
+class Voice:
+    """``voice_ms`` of voiced frames since ``t_ms``: speech may be starting (not confirmed)."""
+
+    t_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Noise:
+    """What began at ``t_ms`` was too short to be speech (a click, a cough): dropped."""
+
+    t_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +71,7 @@ class End:
     voiced_ms: int
 
 
-SegmentEvent = Onset | Pause | Resume | End
+SegmentEvent = Voice | Noise | Onset | Pause | Resume | End
 
 
 class Segmenter:
@@ -64,6 +79,7 @@ class Segmenter:
         self.config = config
         self.frame_samples = frame_samples
         self.frame_ms = frame_samples * 1000 / MODEL_RATE
+        self.silence_ms = config.silence_ms  # the endpoint silence; the listener adapts it
         pre = max(1, round(config.pad_ms / self.frame_ms))
         self._preroll: collections.deque[Float32Array] = collections.deque(maxlen=pre)
         self._frames: list[Float32Array] = []
@@ -78,6 +94,7 @@ class Segmenter:
         self._voiced = 0  # voiced frames in this utterance
         self._last_voiced = 0  # index after the last voiced frame
         self._paused = False
+        self._voice_told = False
 
     @property
     def speaking(self) -> bool:
@@ -130,20 +147,27 @@ class Segmenter:
 
         silence_ms = (self._pos - self._last_voiced) * self.frame_ms
         if self._state == "candidate":
-            if self._voiced * self.frame_ms >= cfg.min_speech_ms:
+            voiced_ms = self._voiced * self.frame_ms
+            if voiced_ms >= cfg.voice_ms and not self._voice_told:
+                self._voice_told = True
+                events.append(Voice(self._ms(self._speech_start)))
+            if voiced_ms >= cfg.min_speech_ms:
                 self._state = "speech"
                 events.append(Onset(self._ms(self._speech_start)))
             elif silence_ms >= cfg.silence_ms:  # too short to be speech: a click, a cough
+                if self._voice_told:
+                    events.append(Noise(self._ms(self._speech_start)))
                 self._drop_to_idle()
             return events
 
         length_ms = (self._pos - self._start_frame) * self.frame_ms
-        if silence_ms >= cfg.silence_ms or length_ms >= cfg.max_utterance_ms:
+        if silence_ms >= self.silence_ms or length_ms >= cfg.max_utterance_ms:
             keep = min(len(self._frames),
                        self._last_voiced - self._start_frame + round(cfg.pad_ms / self.frame_ms))
             audio = np.concatenate(self._frames[:keep])
             events.append(End(self._ms(self._last_voiced), audio, round(self._voiced * self.frame_ms)))
             self._drop_to_idle()
+            self.silence_ms = cfg.silence_ms
         return events
 
     def _drop_to_idle(self) -> None:

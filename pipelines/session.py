@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pipelines.bargein import BargeInConfig, content_words, heard_text
 from pipelines.compute import Dropped
 from pipelines.engines.base import Asr, ChatMessage, Llm, Tts, Vad, Vlm
 from pipelines.history import History
@@ -21,6 +22,7 @@ from streaming.events import (
     AudioFormat,
     Error,
     Event,
+    ReplyInterrupted,
     Scene,
     SessionReady,
     SpeechStarted,
@@ -28,6 +30,7 @@ from streaming.events import (
     Transcript,
 )
 from streaming.images import Image
+from streaming.playout import Playout
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class SessionConfig:
     listener: ListenerConfig = field(default_factory=ListenerConfig)
     turn: TurnConfig = field(default_factory=TurnConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
+    bargein: BargeInConfig = field(default_factory=BargeInConfig)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     history_tokens: int = 1024
     language: str | None = None
@@ -77,6 +81,16 @@ def fixed_system_prompt(instructions: str, *, vision: bool) -> str:
 
 class _Stop(Exception):
     pass
+
+
+@dataclass(slots=True)
+class _BargeIn:
+    """A reply paused because the person may be speaking over it (pipelines/bargein.py)."""
+
+    turn: Turn  # the paused reply
+    utterance: int | None = None  # the listener's turn id once the sound is speech
+    timer: asyncio.Task[None] | None = None  # interrupts after ``interrupt_after_ms`` of speech
+    dismissed: bool = False  # the latest partial was a backchannel or echo
 
 
 class Session:
@@ -102,6 +116,10 @@ class Session:
         self._held: Turn | None = None  # prepared at a tentative transcript, not released
         self._held_task: asyncio.Task[None] | None = None
         self._playing: asyncio.Task[None] | None = None
+        self._reply: Turn | None = None  # the released reply the person may be hearing
+        self._playout: Playout | None = None  # the transport's reply audio outlet
+        self._played: tuple[int, int] | None = None  # the client's last report: (turn, ms)
+        self._barge: _BargeIn | None = None
         self._prefill: asyncio.Task[None] | None = None
         self.on_metrics: Callable[[dict[str, float]], None] | None = None  # turn stage timings
         self.looker = (None if engines.vlm is None else
@@ -124,7 +142,7 @@ class Session:
                                 code="bad_state")
         c = self.config
         self.config = SessionConfig(
-            listener=c.listener, turn=c.turn, vision=c.vision,
+            listener=c.listener, turn=c.turn, vision=c.vision, bargein=c.bargein,
             system_prompt=instructions or c.system_prompt,
             history_tokens=c.history_tokens, language=language if language else c.language,
             input_rate=input_rate, input_channels=input_channels, output_rate=output_rate,
@@ -142,6 +160,21 @@ class Session:
         if self.looker is None:
             raise ProtocolError("vision is not enabled on this server", code="unsupported")
         self.looker.push(image)
+
+    def attach_playout(self, playout: Playout) -> None:
+        self._playout = playout
+
+    def interrupt(self) -> None:
+        """The client's stop: cut the reply now, whatever is playing or being prepared."""
+        if self._audible() is not None:
+            self._interrupt()
+
+    def playback(self, played_ms: int, turn_id: int | None) -> None:
+        if turn_id is None:
+            if self._reply is None:
+                return
+            turn_id = self._reply.turn_id
+        self._played = (turn_id, played_ms)
 
     def submit_text(self, text: str) -> None:
         """A typed user turn; raises ProtocolError when typed turns arrive faster than handled."""
@@ -197,17 +230,65 @@ class Session:
         self._next_turn += 1
         return self._next_turn
 
+    def on_voice(self, t_ms: int) -> None:
+        if self.config.bargein.enabled and self._barge is None:
+            turn = self._audible()
+            if turn is not None:
+                self._barge = _BargeIn(turn)
+                if self._playout is not None:
+                    self._playout.pause()
+
+    def on_noise(self, t_ms: int) -> None:
+        if self._barge is not None and self._barge.utterance is None:
+            self._end_barge()
+
     def on_speech_started(self, t_ms: int) -> int:
         self._started = True
         self._emit(SpeechStarted(t_ms))
-        return self._new_turn_id()
+        turn_id = self._new_turn_id()
+        self.on_voice(t_ms)  # in case voice_ms >= min_speech_ms
+        barge = self._barge
+        if barge is not None and barge.utterance is None and self._tg is not None:
+            barge.utterance = turn_id
+            barge.timer = self._tg.create_task(self._interrupt_after(barge))
+        return turn_id
+
+    def _barging(self, turn_id: int) -> _BargeIn | None:
+        """The pending barge-in of this utterance, if any."""
+        barge = self._barge
+        return barge if barge is not None and barge.utterance == turn_id else None
+
+    def _real(self, barge: _BargeIn, text: str, language: str | None) -> bool:
+        """Whether words over a reply are an interruption (not a backchannel, not echo)."""
+        cfg = self.config.bargein
+        return content_words(text, language, barge.turn.text, cfg) >= cfg.min_words
+
+    async def _interrupt_after(self, barge: _BargeIn) -> None:
+        await asyncio.sleep(self.config.bargein.interrupt_after_ms / 1000)
+        if (self._barge is barge and not barge.dismissed and self._listener is not None
+                and self._listener.voicing):
+            self._interrupt()
+
+    def _end_barge(self) -> None:
+        """The sound over the reply was nothing: the reply goes on where it paused."""
+        barge, self._barge = self._barge, None
+        if barge is not None and barge.timer is not None:
+            barge.timer.cancel()
+        if self._playout is not None:
+            self._playout.resume()
 
     def on_speech_stopped(self, t_ms: int) -> None:
         self._emit(SpeechStopped(t_ms))
 
     def on_partial(self, turn_id: int, text: str, language: str | None, audio_ms: int) -> None:
         self._emit(Transcript(turn_id, text, False, language, audio_ms))
-        self.prepare_llm(text)
+        barge = self._barging(turn_id)
+        if barge is not None:
+            barge.dismissed = not self._real(barge, text, language)
+            if not barge.dismissed:
+                self._interrupt()
+        if self._barge is None:
+            self.prepare_llm(text)
 
     def prepare_llm(self, words: str = "") -> None:
         """Warm the LLM's prompt cache with the prompt the next turn will start with (the
@@ -231,19 +312,34 @@ class Session:
 
     def on_tentative(self, turn_id: int, text: str, language: str | None) -> None:
         self._drop_held()
+        barge = self._barging(turn_id)
+        if barge is not None:
+            if not self._real(barge, text, language):
+                if self._playout is not None:
+                    self._playout.resume()  # likely "uh-huh": go on (paused again if it goes on)
+                return
+            self._interrupt()
         self._start_turn(turn_id, text, held=True)
 
     def on_resumed(self, turn_id: int) -> None:
         if self._held is not None and self._held.turn_id == turn_id:
             self._drop_held()
+        if self._barging(turn_id) is not None and self._playout is not None:
+            self._playout.pause()
 
     def on_final(self, turn_id: int, text: str | None, language: str | None,
                  speech_end: float) -> None:
         held = self._held
+        barge = self._barging(turn_id)
+        if barge is not None and (text is None or not self._real(barge, text, language)):
+            text = None  # a backchannel, noise or the reply's own echo: not a turn
+            self._end_barge()
         if text is None:
             if held is not None and held.turn_id == turn_id:
                 self._drop_held()
             return
+        if barge is not None:
+            self._interrupt()
         self._emit(Transcript(turn_id, text, True, language))
         if held is not None and held.turn_id == turn_id and held.user_text == text:
             assert self._held_task is not None
@@ -274,7 +370,8 @@ class Session:
             raise ProtocolError("session is not running", code="bad_state")
         turn = Turn(turn_id, user_text, [], self.engines.llm, self.engines.tts, self.events,
                     self.config.output_rate, self.config.turn, self.clock,
-                    session_id=self.session_id, on_metrics=self.on_metrics)
+                    session_id=self.session_id, on_metrics=self.on_metrics,
+                    audio_room=self._audio_room)
         task = self._tg.create_task(self._run_turn(turn))
         if held:
             self._held, self._held_task = turn, task
@@ -282,10 +379,57 @@ class Session:
             self._release(turn, task, speech_end)
 
     def _release(self, turn: Turn, task: asyncio.Task[None], speech_end: float | None) -> None:
-        if self._playing is not None and not self._playing.done():
-            self._playing.cancel()  # a newer user turn supersedes the reply still going
-        self._playing = task
+        if self._audible() is not None:
+            self._interrupt()  # a newer user turn replaces the reply still going
+        self._playing, self._reply = task, turn
         turn.release(speech_end)
+
+    async def _audio_room(self) -> None:
+        if self._playout is not None:
+            await self._playout.room()
+
+    def _audible(self) -> Turn | None:
+        """The released reply while it is being prepared, sent or played."""
+        turn = self._reply
+        if turn is None or turn.heard is not None:
+            return None
+        if self._playing is not None and not self._playing.done():
+            return turn
+        if self._playout is not None and self._playout.audible(turn.turn_id):
+            return turn
+        return None
+
+    def _played_ms(self, turn: Turn) -> float:
+        """How much of the reply's audio the person heard: the client's report, else what was
+        sent minus what is probably still in the client's buffers."""
+        report = self._played[1] if self._played and self._played[0] == turn.turn_id else None
+        if self._playout is None:
+            total = sum(c.duration_ms for c in turn.spoken)
+            return float(report) if report is not None else total
+        if report is not None:
+            return min(float(report), self._playout.sent_ms(turn.turn_id))
+        return self._playout.heard_ms(turn.turn_id)
+
+    def _interrupt(self) -> None:
+        """Cut the current reply: drop its unsent audio, cancel its LLM and TTS work, keep
+        only what was heard in the history, and tell the client."""
+        barge, self._barge = self._barge, None
+        if barge is not None and barge.timer is not None:
+            barge.timer.cancel()
+        turn = self._reply
+        if turn is None or turn.heard is not None:
+            if self._playout is not None:
+                self._playout.resume()
+            return
+        played = self._played_ms(turn)
+        turn.heard = heard_text(turn.spoken, played)
+        if self._playout is not None:
+            self._playout.cut(turn.turn_id)
+        if self._playing is not None and not self._playing.done():
+            self._playing.cancel()  # the history entry is written as the task ends
+        elif turn.exchange is not None:
+            turn.exchange.assistant = turn.reply_for_history()
+        self._emit(ReplyInterrupted(turn.turn_id, round(played), turn.heard))
 
     def system_prompt(self) -> str:
         return fixed_system_prompt(self.config.system_prompt, vision=self.looker is not None)
@@ -322,5 +466,6 @@ class Session:
                 self.on_error(e)
         finally:
             if turn.released.is_set():
-                self.history.add(turn.history_text or turn.user_text, turn.text.strip())
+                turn.exchange = self.history.add(turn.history_text or turn.user_text,
+                                                 turn.reply_for_history())
                 self.prepare_llm()

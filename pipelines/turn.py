@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from pipelines.bargein import CUT_MARK
 from pipelines.chunker import Chunker
 from pipelines.compute import Priority
 from pipelines.engines.base import ChatMessage, Llm, Tts
+from pipelines.history import Exchange
 from streaming.audio import float_to_pcm16, resample
 from streaming.channels import Channel, ChannelClosed
 from streaming.events import Event, Metrics, ReplyAudio, ReplyDone, ReplyStarted, ReplyText
@@ -50,10 +52,19 @@ class Turn:
     on_metrics: Callable[[dict[str, float]], None] | None = None
     history_text: str | None = None  # the user's words as history keeps them (if not user_text)
     text: str = ""  # reply text generated so far
-    spoken: list[SpokenChunk] = field(default_factory=list)  # chunks whose audio was sent
+    spoken: list[SpokenChunk] = field(default_factory=list)  # chunks whose audio was emitted
     released: asyncio.Event = field(default_factory=asyncio.Event)
     speech_end: float | None = None  # wall time the stage timings count from
     marks: dict[str, float] = field(default_factory=dict)  # stage → wall time
+    heard: str | None = None  # set when interrupted: the part of the reply the person heard
+    exchange: Exchange | None = None  # its entry in the history, once it has one
+    audio_room: Callable[[], Awaitable[None]] | None = None  # waits while the playout is full
+
+    def reply_for_history(self) -> str:
+        """The reply as history keeps it: what was heard, marked where it was cut off."""
+        if self.heard is None:
+            return self.text.strip()
+        return f"{self.heard}{CUT_MARK}" if self.heard else CUT_MARK
 
     def release(self, speech_end: float | None = None) -> None:
         """Let the reply out. ``speech_end`` (wall time) is the zero of its stage timings."""
@@ -122,6 +133,8 @@ class Turn:
             except ChannelClosed:
                 break
             if isinstance(item, ReplyAudio):
+                if self.audio_room is not None:
+                    await self.audio_room()
                 self._mark("first_audio_sent")
             await self.events.put(item)
         await self.events.put(ReplyDone(self.turn_id, self.text.strip()))

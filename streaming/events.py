@@ -65,6 +65,16 @@ class ReplyDone:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplyInterrupted:
+    """The person interrupted the reply: no more of its audio follows. ``heard_text`` is the
+    part of the reply they heard (what the conversation history keeps)."""
+
+    turn_id: int
+    played_ms: int
+    heard_text: str
+
+
+@dataclass(frozen=True, slots=True)
 class Metrics:
     """Stage timings of one turn in ms, measured from the end of the user's speech."""
 
@@ -97,6 +107,7 @@ Event = (
     | ReplyText
     | ReplyAudio
     | ReplyDone
+    | ReplyInterrupted
     | Metrics
     | Scene
     | Error

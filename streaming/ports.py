@@ -6,8 +6,9 @@ from typing import Protocol
 
 from streaming.audio import Float32Array
 from streaming.channels import Channel
-from streaming.events import Event, SessionReady
+from streaming.events import Event, ReplyAudio, SessionReady
 from streaming.images import Image
+from streaming.playout import Playout
 from streaming.protocol import ClientMessage, Interrupt, Playback, TextTurn
 
 
@@ -20,11 +21,24 @@ class SessionPort(Protocol):
     def configure(self, *, input_rate: int, input_channels: int, output_rate: int,
                   language: str | None, instructions: str | None) -> None: ...
 
+    def attach_playout(self, playout: Playout) -> None:
+        """The transport's reply audio outlet: the session pauses, resumes and cuts it on
+        barge-in and asks it what was heard."""
+        ...
+
     async def push_audio(self, audio: Float32Array) -> None: ...
 
     def submit_text(self, text: str) -> None: ...
 
     def push_frame(self, image: Image) -> None: ...
+
+    def interrupt(self) -> None:
+        """Stop the reply now (a stop button, push-to-talk)."""
+        ...
+
+    def playback(self, played_ms: int, turn_id: int | None) -> None:
+        """The client's report of how much of a reply it has played."""
+        ...
 
     def close(self) -> None: ...
 
@@ -35,8 +49,19 @@ def apply_client_message(message: ClientMessage, session: SessionPort) -> Client
     match message:
         case TextTurn(text=text):
             session.submit_text(text)
-        case Playback() | Interrupt():
-            pass  # barge-in bookkeeping arrives with the barge-in work; accepted
+        case Playback(played_ms=played_ms, turn_id=turn_id):
+            session.playback(played_ms, turn_id)
+        case Interrupt():
+            session.interrupt()
         case _:
             return message
     return None
+
+
+def route_event(event: Event, playout: Playout) -> Event | None:
+    """Reply audio goes into the playout; every other event is returned for the transport
+    to send. (The session waits for room in the playout before it emits audio.)"""
+    if isinstance(event, ReplyAudio):
+        playout.put(event.turn_id, event.pcm)
+        return None
+    return event

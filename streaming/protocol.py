@@ -16,6 +16,7 @@ from streaming.events import (
     Metrics,
     ReplyAudio,
     ReplyDone,
+    ReplyInterrupted,
     ReplyStarted,
     ReplyText,
     Scene,
@@ -39,11 +40,16 @@ class InputAudio(_Message):
     sample_rate: int = 16_000
     channels: int = Field(default=1, ge=1, le=2)
     format: Literal["pcm_s16le"] = "pcm_s16le"
+    # the client cancels its own echo (browsers do); if not, the server removes it
+    echo_cancellation: bool = False
+    # MQTT only: each audio/in message starts with a uint32 sequence number (streaming/mqtt.py)
+    sequence: bool = False
 
 
 class OutputAudio(_Message):
     sample_rate: int = 24_000
     format: Literal["pcm_s16le"] = "pcm_s16le"
+    sequence: bool = False  # MQTT only: the same header on audio/out messages
 
 
 class SessionStart(_Message):
@@ -65,8 +71,11 @@ class ImageFrame(_Message):
 
 
 class Playback(_Message):
+    """How much of a reply's audio the client has played out (its speaker position)."""
+
     type: Literal["playback"]
     played_ms: int = Field(ge=0)
+    turn_id: int | None = None  # default: the reply playing now
 
 
 class Interrupt(_Message):
@@ -87,6 +96,7 @@ class Offer(_Message):
     type: Literal["offer"]
     language: str | None = Field(default=None, min_length=2, max_length=8)
     instructions: str | None = Field(default=None, max_length=4000)
+    echo_cancellation: bool = True  # browsers cancel echo in getUserMedia
 
 
 def parse_offer(raw: bytes) -> Offer:
@@ -172,6 +182,9 @@ def event_to_json(event: Event) -> dict[str, Any]:
             return {"type": "reply.text", "turn_id": turn_id, "delta": delta}
         case ReplyDone(turn_id, text):
             return {"type": "reply.done", "turn_id": turn_id, "text": text}
+        case ReplyInterrupted(turn_id, played_ms, heard_text):
+            return {"type": "reply.interrupted", "turn_id": turn_id, "played_ms": played_ms,
+                    "heard_text": heard_text}
         case Metrics(turn_id, stages):
             return {"type": "metrics", "turn_id": turn_id,
                     "stages": {k: round(v, 1) for k, v in stages.items()}}

@@ -25,10 +25,12 @@ import numpy.typing as npt
 from aiortc import RTCDataChannel, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from streaming.echo import EchoCanceller
 from streaming.errors import ProtocolError, VoxlensError
-from streaming.events import Error, Event, ReplyAudio, ReplyStarted
+from streaming.events import Error, Event
 from streaming.images import KEEP_SIDE
-from streaming.ports import SessionPort, apply_client_message
+from streaming.playout import Playout
+from streaming.ports import SessionPort, apply_client_message, route_event
 from streaming.protocol import (
     ImageFrame,
     SessionEnd,
@@ -44,6 +46,7 @@ FRAME_MS = 20
 FRAME_SAMPLES = OUT_RATE * FRAME_MS // 1000
 EVENTS_LABEL = "events"
 PENDING_EVENTS = 256  # events kept while the data channel is not open yet
+JITTER_BUFFER_MS = 80  # the receiver's jitter buffer: sent audio not yet heard
 FRAME_EVERY_S = 0.25  # camera frames handed to the session at most this often
 
 
@@ -75,8 +78,8 @@ def restrict_host_candidates(addresses: Iterable[str]) -> None:
 
 class PcmTrack(MediaStreamTrack):
     """An outgoing audio track fed with s16le mono PCM at 48 kHz, paced in real time in 20 ms
-    frames by its own clock, silence when nothing is queued. Subclasses see each frame's
-    payload in ``_sent`` (before silence padding)."""
+    frames by its own clock, silence when nothing is queued. Subclasses may take each
+    frame's payload from elsewhere (``_take``)."""
 
     kind = "audio"
 
@@ -86,8 +89,11 @@ class PcmTrack(MediaStreamTrack):
         self._start: float | None = None
         self._pts = 0
 
-    def _sent(self, chunk: bytes) -> None:
-        """Called with the queued bytes each frame carried (may be empty)."""
+    def _take(self, n: int) -> bytes:
+        """The next frame's payload (at most ``n`` bytes; silence pads the rest)."""
+        chunk = bytes(self._buf[:n])
+        del self._buf[:n]
+        return chunk
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
@@ -100,9 +106,7 @@ class PcmTrack(MediaStreamTrack):
             if delay > 0:
                 await asyncio.sleep(delay)
         n = FRAME_SAMPLES * 2
-        chunk = bytes(self._buf[:n])
-        del self._buf[:n]
-        self._sent(chunk)
+        chunk = self._take(n)
         frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
         frame.planes[0].update(chunk.ljust(n, b"\0"))
         frame.sample_rate = OUT_RATE
@@ -112,51 +116,28 @@ class PcmTrack(MediaStreamTrack):
 
 
 class ReplyTrack(PcmTrack):
-    """Reply audio out; knows how much of the current turn it has sent."""
+    """Reply audio out: each 20 ms tick takes its frame from the session's ``Playout``."""
 
-    def __init__(self, max_buffer_ms: int = 2000) -> None:
+    def __init__(self, playout: Playout) -> None:
         super().__init__()
-        self._max_bytes = OUT_RATE * 2 * max_buffer_ms // 1000
-        self._room = asyncio.Event()
-        self._room.set()
-        self.turn_id: int | None = None
-        self.sent_ms = 0.0  # reply audio of ``turn_id`` sent so far
+        self.playout = playout
 
-    @property
-    def buffered_ms(self) -> float:
-        return len(self._buf) / 2 * 1000 / OUT_RATE
-
-    def begin_turn(self, turn_id: int) -> None:
-        self.turn_id = turn_id
-        self.sent_ms = 0.0
-
-    async def write(self, pcm: bytes) -> None:
-        """Queue reply audio; waits while more than ``max_buffer_ms`` is queued.
-        Cancelling it queues nothing."""
-        while len(self._buf) >= self._max_bytes:
-            self._room.clear()
-            await self._room.wait()
-        self._buf.extend(pcm)
-
-    def clear(self) -> None:
-        """Drop queued reply audio (the track goes silent at once)."""
-        self._buf.clear()
-        self._room.set()
-
-    def _sent(self, chunk: bytes) -> None:
-        if len(self._buf) < self._max_bytes:
-            self._room.set()
-        self.sent_ms += len(chunk) / 2 * 1000 / OUT_RATE
+    def _take(self, n: int) -> bytes:
+        return self.playout.take(n)
 
 
 class WebRtcAdapter:
     """Connects one RTCPeerConnection to one session. Create it before
     ``setRemoteDescription`` so it sees the peer's tracks and data channel."""
 
-    def __init__(self, pc: RTCPeerConnection, session: SessionPort) -> None:
+    def __init__(self, pc: RTCPeerConnection, session: SessionPort, *,
+                 client_aec: bool = True) -> None:
         self.pc = pc
         self.session = session
-        self.reply = ReplyTrack()
+        self.playout = Playout(OUT_RATE, client_buffer_ms=JITTER_BUFFER_MS,
+                               echo=None if client_aec else EchoCanceller(OUT_RATE))
+        session.attach_playout(self.playout)
+        self.reply = ReplyTrack(self.playout)
         self.latest_frame: av.VideoFrame | None = None
         self.frames_received = 0
         self.remote_tracks: list[MediaStreamTrack] = []
@@ -234,19 +215,15 @@ class WebRtcAdapter:
 
     async def _pump_events(self) -> None:
         async for event in self.session.events:
-            match event:
-                case ReplyAudio(pcm=pcm):
-                    await self.reply.write(pcm)
-                case ReplyStarted(turn_id):
-                    self.reply.begin_turn(turn_id)
-                    self._send(event)
-                case _:
-                    self._send(event)
+            if (out := route_event(event, self.playout)) is not None:
+                self._send(out)
         self._done.set()  # the session ended on its own
 
     async def _audio_in(self, track: MediaStreamTrack) -> None:
         async for pcm in mono_pcm(track, 16_000):
-            await self.session.push_audio(pcm.astype(np.float32) / 32768.0)
+            audio = self.playout.mic(pcm.astype(np.float32) / 32768.0)
+            if audio.size:
+                await self.session.push_audio(audio)
 
     async def _video_in(self, track: MediaStreamTrack) -> None:
         """Read every frame (so aiortc's queue never grows), keep only the newest, and hand

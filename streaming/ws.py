@@ -9,10 +9,12 @@ from aiohttp import WSMsgType, web
 
 from streaming.audio import InputConverter
 from streaming.channels import ChannelClosed
+from streaming.echo import EchoCanceller
 from streaming.errors import ProtocolError, VoxlensError
 from streaming.events import Error, Event
 from streaming.images import decode_base64_image
-from streaming.ports import SessionPort, apply_client_message
+from streaming.playout import Playout
+from streaming.ports import SessionPort, apply_client_message, route_event
 from streaming.protocol import (
     MAX_AUDIO_MESSAGE_BYTES,
     ImageFrame,
@@ -24,16 +26,23 @@ from streaming.protocol import (
 
 log = logging.getLogger(__name__)
 MAX_BAD_MESSAGES = 20  # a client that keeps sending garbage is disconnected
+CHUNK_MS = 40  # reply audio message length
+LEAD_MS = 200  # reply audio sent ahead of real time (the client's playout buffer feeds on it)
 
 
 class WebSocketAdapter:
-    def __init__(self, ws: web.WebSocketResponse, session: SessionPort) -> None:
+    def __init__(self, ws: web.WebSocketResponse, session: SessionPort, *,
+                 lead_ms: int = LEAD_MS) -> None:
         self.ws = ws
         self.session = session
+        self.lead_ms = lead_ms
         ready = session.ready_event()
         self._converter = InputConverter(ready.input.sample_rate, ready.input.channels)
+        rate = ready.output.sample_rate
+        self.playout = Playout(rate, echo=EchoCanceller(rate))  # until the client says it has AEC
+        session.attach_playout(self.playout)
         self._bad = 0
-        self._send_lock = asyncio.Lock()  # the event pump and replies to bad input share the socket
+        self._send_lock = asyncio.Lock()  # the pumps and replies to bad input share the socket
 
     async def run(self) -> None:
         """Pump both directions until the client leaves or ends the session.
@@ -42,12 +51,13 @@ class WebSocketAdapter:
         """
         await self._send(self.session.ready_event())
         async with asyncio.TaskGroup() as tg:
-            sender = tg.create_task(self._send_events())
+            pumps = [tg.create_task(self._send_events()), tg.create_task(self._send_audio())]
             try:
                 await self._receive()
             finally:
                 self.session.close()
-                sender.cancel()
+                for pump in pumps:
+                    pump.cancel()
 
     async def _send(self, event: Event) -> None:
         wire = encode_event(event)
@@ -61,12 +71,19 @@ class WebSocketAdapter:
         """Forward session events; when the session ends on its own, hang up."""
         try:
             while True:
-                event = await self.session.events.get()
-                await self._send(event)
+                event = route_event(await self.session.events.get(), self.playout)
+                if event is not None:
+                    await self._send(event)
         except ChannelClosed:
             await self.ws.close()
         except ConnectionResetError:
             return
+
+    async def _send_audio(self) -> None:
+        """Reply audio in real time, ``lead_ms`` ahead (so barge-in can still hold it back)."""
+        async for chunk in self.playout.paced(CHUNK_MS, self.lead_ms):
+            async with self._send_lock:
+                await self.ws.send_bytes(chunk)
 
     async def _receive(self) -> None:
         async for msg in self.ws:
@@ -93,7 +110,7 @@ class WebSocketAdapter:
         if len(data) > MAX_AUDIO_MESSAGE_BYTES:
             raise ProtocolError(f"audio message of {len(data)} bytes exceeds the "
                                 f"{MAX_AUDIO_MESSAGE_BYTES}-byte limit", code="too_large")
-        audio = self._converter.convert(data)
+        audio = self.playout.mic(self._converter.convert(data))
         if audio.size:
             await self.session.push_audio(audio)
 
@@ -107,6 +124,9 @@ class WebSocketAdapter:
                     output_rate=m.output_audio.sample_rate, language=m.language,
                     instructions=m.instructions)
                 self._converter = converter
+                rate = m.output_audio.sample_rate
+                self.playout.reconfigure(
+                    rate, None if m.audio.echo_cancellation else EchoCanceller(rate))
                 await self._send(self.session.ready_event())
             case ImageFrame(data=data):
                 # decoding a large JPEG takes milliseconds: off the event loop

@@ -1,17 +1,19 @@
 import numpy as np
 
-from pipelines.segmenter import End, Onset, Pause, Resume, Segmenter, SegmenterConfig
+from pipelines.segmenter import End, Noise, Onset, Pause, Resume, Segmenter, SegmenterConfig, Voice
 
 FRAME = 512
 FRAME_MS = 32
 
 
-def run(seg: Segmenter, probs: list[float]) -> list[tuple[int, object]]:
-    """Feed frames whose samples carry their own index; return (frame index, event)."""
+def run(seg: Segmenter, probs: list[float], *, voice: bool = False) -> list[tuple[int, object]]:
+    """Feed frames whose samples carry their own index; return (frame index, event).
+    Voice and Noise (the barge-in hints) only with ``voice``."""
     out = []
     for i, p in enumerate(probs):
         frame = np.full(FRAME, i, dtype=np.float32)
-        out.extend((i, ev) for ev in seg.push(frame, p))
+        out.extend((i, ev) for ev in seg.push(frame, p)
+                   if voice or not isinstance(ev, Voice | Noise))
     return out
 
 
@@ -74,3 +76,22 @@ def test_second_utterance_gets_fresh_state() -> None:
     events = [ev for _, ev in run(seg, probs)]
     assert [type(ev) for ev in events] == [Onset, Pause, End, Onset, Pause, End]
     assert not any(isinstance(ev, Resume) for ev in events)
+
+
+def test_voice_comes_early_and_noise_when_it_was_not_speech() -> None:
+    seg = Segmenter(SegmenterConfig(voice_ms=96, min_speech_ms=250, silence_ms=500))
+    events = run(seg, [0.0] * 5 + [0.9] * 4 + [0.0] * 40, voice=True)  # a 128 ms click
+    assert [(i, type(ev)) for i, ev in events] == [(5 + 2, Voice), (5 + 3 + frames(500), Noise)]
+    assert events[0][1] == Voice(5 * 32) and events[1][1] == Noise(5 * 32)
+    speech = run(Segmenter(SegmenterConfig(voice_ms=96)), [0.9] * 12 + [0.0] * 20, voice=True)
+    assert [type(ev) for _, ev in speech] == [Voice, Onset, Pause, End]  # no Noise for speech
+
+
+def test_endpoint_silence_can_change_within_an_utterance() -> None:
+    seg = Segmenter(SegmenterConfig(silence_ms=500))
+    run(seg, [0.9] * 20)
+    seg.silence_ms = 1100  # e.g. the transcript so far trails off with "and"
+    events = run(seg, [0.0] * 40)
+    (i_end, end), = [(i, ev) for i, ev in events if isinstance(ev, End)]
+    assert i_end == frames(1100) - 1
+    assert seg.silence_ms == 500  # back to normal for the next utterance

@@ -15,6 +15,7 @@ from client.rtc_client import ImageTrack
 from streaming.audio import Float32Array
 from streaming.channels import Channel
 from streaming.events import AudioFormat, Event, ReplyAudio, ReplyStarted, SessionReady
+from streaming.playout import Playout
 from streaming.webrtc import EVENTS_LABEL, WebRtcAdapter, restrict_host_candidates
 from tests.conftest import until
 
@@ -34,6 +35,13 @@ class FakeSession:
         return SessionReady("fake", AudioFormat(16000), AudioFormat(48000), {})
 
     def configure(self, **_: object) -> None: ...
+
+    def attach_playout(self, playout: Playout) -> None:
+        self.playout = playout
+
+    def interrupt(self) -> None: ...
+
+    def playback(self, played_ms: int, turn_id: int | None) -> None: ...
 
     async def push_audio(self, audio: Float32Array) -> None:
         self.audio.append(audio)
@@ -114,9 +122,9 @@ async def test_video_keeps_only_the_newest_frame_and_reply_audio_is_paced() -> N
     assert adapter.latest_frame is not None and adapter.latest_frame.width == 160
     assert session.frames[0].shape == (120, 160, 3) and session.frames[0].dtype == np.uint8
     # the reply track has sent the whole second of reply audio, and then silence
-    await until(lambda: adapter.reply.sent_ms >= 1000)
-    assert adapter.reply.turn_id == 1 and adapter.reply.sent_ms == pytest.approx(1000)
-    assert adapter.reply.buffered_ms == 0
+    await until(lambda: adapter.playout.sent_ms(1) >= 1000)
+    assert session.playout is adapter.playout and adapter.playout.sent_ms(1) == pytest.approx(1000)
+    assert adapter.playout.queued_ms() == 0
     assert [t.kind for t in received] == ["audio"]
     await client_pc.close()
     await asyncio.wait_for(runner, 5)

@@ -1,0 +1,142 @@
+"""Barge-in and turn-taking rules: pure functions over text and timings.
+
+How a reply is interrupted (docs/ARCHITECTURE.md, "Barge-in"):
+
+1. ``voice_ms`` (96 ms) of voiced input while a reply is playing → the reply's
+   audio is *paused* at once (nothing more leaves the server). Pausing is
+   cheap and undoable, so it can happen long before anyone knows what the
+   sound was.
+2. The sound is then judged by what it turns out to be:
+   * it dies before it is speech (a click, a cough, a 150 ms burst) → resume;
+   * its transcript is empty, a Whisper hallucination, only backchannels
+     ("yeah", "uh-huh", "嗯", …) or words of the reply itself (echo) → resume,
+     and the utterance is not a user turn;
+   * a partial or final transcript with at least ``min_words`` other words, or
+     ``interrupt_after_ms`` of continuous speech → a real interruption: the
+     reply is cut (queued audio dropped, LLM and TTS cancelled), the history
+     keeps only what was heard, and the utterance becomes the next turn.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# Short acknowledgements that mean "go on", not "stop" (normalised: lowercase, no punctuation).
+# "no", "wait", "stop" and questions are deliberately absent: they are interruptions.
+BACKCHANNELS: dict[str, frozenset[str]] = {
+    "en": frozenset({"yeah", "yes", "yep", "yup", "uh huh", "uhhuh", "mhm", "mm hmm", "mmhmm", "mm",
+                     "hmm", "hm", "ok", "okay", "right", "sure", "i see", "got it", "cool", "nice",
+                     "wow", "oh", "ah", "aha", "alright", "all right", "uh", "um", "yeah yeah",
+                     "oh okay", "oh ok", "ok ok", "okay okay", "great", "good", "exactly", "true"}),
+    "zh": frozenset({"嗯", "嗯嗯", "对", "对对", "对对对", "好", "好的", "是", "是的", "哦", "啊", "明白",
+                     "嗯好", "行"}),
+    "fr": frozenset({"oui", "ouais", "daccord", "ok", "ah", "mmh", "hmm", "bien sûr", "voilà", "exact"}),
+    "es": frozenset({"sí", "si", "vale", "claro", "ajá", "aja", "ya", "ok", "bueno", "vale vale"}),
+    "de": frozenset({"ja", "genau", "okay", "ok", "aha", "mhm", "stimmt", "richtig", "ach so"}),
+}
+
+CUT_MARK = "…"  # ends a reply that was cut off, in history
+
+
+@dataclass(frozen=True, slots=True)
+class BargeInConfig:
+    enabled: bool = True
+    min_words: int = 1  # recognised words (not backchannels, not echo) that interrupt
+    interrupt_after_ms: int = 1200  # speech this long interrupts without waiting for words
+    echo_overlap: float = 0.7  # an utterance whose words are mostly the reply's is echo
+    backchannels: dict[str, frozenset[str]] = field(default_factory=lambda: dict(BACKCHANNELS))
+
+
+def words(text: str) -> list[str]:
+    """Lowercase words without punctuation; CJK text counts one word per character."""
+    norm = re.sub(r"[^\w\s']", " ", text.lower()).replace("'", "")
+    out: list[str] = []
+    for w in norm.split():
+        if re.search(r"[\u3040-\u30ff\u3400-\u9fff]", w):
+            out.extend(w)
+        else:
+            out.append(w)
+    return out
+
+
+def is_backchannel(text: str, language: str | None, config: BargeInConfig) -> bool:
+    """Only acknowledgements ("yeah", "uh-huh", "嗯", "oh okay"): no reason to stop talking."""
+    ws = words(text)
+    if not ws:
+        return True
+    sets = ([config.backchannels[language]] if language in config.backchannels
+            else list(config.backchannels.values()))
+    phrase = " ".join(ws)
+    joined = "".join(ws)
+    return any(phrase in s or joined in s or all(w in s for w in ws) for s in sets)
+
+
+def is_echo(text: str, reply_text: str, config: BargeInConfig) -> bool:
+    """Whether an utterance is mostly the assistant's own words (its voice leaking back)."""
+    heard = words(text)
+    said = set(words(reply_text))
+    if not heard or not said:
+        return False
+    return sum(w in said for w in heard) / len(heard) >= config.echo_overlap
+
+
+def content_words(text: str, language: str | None, reply_text: str,
+                  config: BargeInConfig) -> int:
+    """How many words of an utterance count towards interrupting: 0 for backchannels and echo."""
+    if is_backchannel(text, language, config) or is_echo(text, reply_text, config):
+        return 0
+    return len(words(text))
+
+
+class Timed(Protocol):
+    text: str
+    duration_ms: float
+
+
+def heard_text(spoken: Sequence[Timed], played_ms: float) -> str:
+    """The reply text the person heard after ``played_ms`` of its audio: whole chunks, then
+    the part of the chunk being played in proportion to its length, cut at a word."""
+    out: list[str] = []
+    t = 0.0
+    for chunk in spoken:
+        if played_ms >= t + chunk.duration_ms:
+            out.append(chunk.text)
+            t += chunk.duration_ms
+            continue
+        share = max(0.0, played_ms - t) / chunk.duration_ms if chunk.duration_ms else 0.0
+        cut = chunk.text[:round(len(chunk.text) * share)]
+        if cut and not cut.endswith(" ") and len(cut) < len(chunk.text) \
+                and not chunk.text[len(cut)].isspace():
+            cut = cut.rsplit(" ", 1)[0] if " " in cut else ""
+        if cut.strip():
+            out.append(cut.rstrip())
+        break
+    return " ".join(p.strip() for p in out if p.strip())
+
+
+def endpoint_silence_ms(text: str, *, question_ms: int, normal_ms: int, incomplete_ms: int) -> int:
+    """The silence that ends an utterance, judged from its transcript so far: short after a
+    complete question, long when it trails off (a filler, a conjunction, a comma), else normal."""
+    t = text.strip()
+    if not t:
+        return normal_ms
+    ws = words(t)
+    last = ws[-1] if ws else ""
+    if t.endswith((",", "...", "…", "-", "、", "，")) or last in TRAILING:
+        return incomplete_ms
+    if t.endswith(("?", "？")):
+        return question_ms
+    return normal_ms
+
+
+# Words a finished sentence rarely ends with: fillers, conjunctions, articles, prepositions.
+TRAILING = frozenset({
+    "um", "uh", "er", "erm", "hmm", "like", "and", "but", "or", "so", "because", "then", "that",
+    "the", "a", "an", "to", "of", "in", "on", "at", "for", "with", "about", "from", "my", "your",
+    "is", "are", "was", "if", "when", "which", "what", "who", "where", "how", "maybe", "also",
+    "et", "mais", "ou", "donc", "le", "la", "les", "un", "une", "de", "und", "aber", "oder", "der",
+    "die", "das", "y", "pero", "o", "el", "los", "las", "que", "嗯", "那个", "就是", "然后",
+})

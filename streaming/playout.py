@@ -1,0 +1,179 @@
+"""The outgoing reply audio of one connection: queued per turn, sent in real time, pausable.
+
+Every transport drains its session's reply audio through a ``Playout``: WebRTC's
+track takes a 20 ms frame per tick; WebSocket and MQTT send paced chunks at
+most ``lead_ms`` ahead of real time. Audio that has not left can still be
+paused (barge-in: the person may be starting to speak), resumed (it was a
+cough) or cut (a real interruption). The playout counts what it sent of each
+turn and estimates what is still unplayed at the client, so the session knows
+what the person heard; it also hands every sent byte to the echo canceller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from streaming.audio import Float32Array
+from streaming.echo import EchoCanceller
+
+KEEP_TURNS = 8  # sent_ms is remembered for this many recent turns
+
+
+@dataclass(slots=True)
+class _Segment:
+    turn_id: int
+    pcm: bytearray
+
+
+class Playout:
+    def __init__(self, rate: int, *, max_buffer_ms: int = 2000, client_buffer_ms: int = 100,
+                 echo: EchoCanceller | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.echo = echo
+        self.client_buffer_ms = client_buffer_ms  # played-out delay at the client (jitter buffer)
+        self._max_ms = max_buffer_ms
+        self._max_bytes = rate * 2 * max_buffer_ms // 1000
+        self._clock = clock
+        self._queue: collections.deque[_Segment] = collections.deque()
+        self._queued = 0  # bytes
+        self._sent: dict[int, float] = {}  # turn → ms of its audio sent
+        self._cut: collections.deque[int] = collections.deque(maxlen=KEEP_TURNS)
+        self._last_turn: int | None = None  # the turn whose audio left last
+        self._play_end = 0.0  # wall time when everything sent so far has played at the client
+        self.paused = False
+        self._room = asyncio.Event()
+        self._room.set()
+        self._ready = asyncio.Event()  # audio queued and not paused
+
+    def reconfigure(self, rate: int, echo: EchoCanceller | None) -> None:
+        """New output rate and echo handling (``session.start``); drops queued audio."""
+        self.rate, self.echo = rate, echo
+        self._max_bytes = rate * 2 * self._max_ms // 1000
+        self._queue.clear()
+        self._queued = 0
+        self._ready.clear()
+        self._room.set()
+
+    # ---- the session's side -----------------------------------------------------------
+
+    def sent_ms(self, turn_id: int) -> float:
+        return self._sent.get(turn_id, 0.0)
+
+    def unplayed_ms(self) -> float:
+        """Sent audio the client has probably not played yet: what it was sent ahead of real
+        time, plus its jitter buffer."""
+        if self._last_turn is None:
+            return 0.0
+        return max(0.0, self._play_end - self._clock()) * 1000 + self.client_buffer_ms
+
+    def heard_ms(self, turn_id: int) -> float:
+        """The estimate of a turn's audio the person heard, when the client reports nothing."""
+        sent = self.sent_ms(turn_id)
+        if turn_id != self._last_turn:
+            return sent
+        return max(0.0, sent - self.unplayed_ms())
+
+    def audible(self, turn_id: int) -> bool:
+        """Whether the turn's audio is queued here or still playing at the client."""
+        if any(s.turn_id == turn_id for s in self._queue):
+            return True
+        return (self._last_turn == turn_id
+                and self._clock() < self._play_end + self.client_buffer_ms / 1000)
+
+    def queued_ms(self, turn_id: int | None = None) -> float:
+        n = sum(len(s.pcm) for s in self._queue if turn_id is None or s.turn_id == turn_id)
+        return n / 2 * 1000 / self.rate
+
+    def pause(self) -> None:
+        self.paused = True
+        self._ready.clear()
+
+    def resume(self) -> None:
+        self.paused = False
+        if self._queued:
+            self._ready.set()
+
+    def cut(self, turn_id: int) -> None:
+        """Drop the turn's queued audio and refuse its later audio; un-pause."""
+        if turn_id not in self._cut:
+            self._cut.append(turn_id)
+        for seg in [s for s in self._queue if s.turn_id == turn_id]:
+            self._queue.remove(seg)
+            self._queued -= len(seg.pcm)
+        self._room.set()
+        self.resume()
+        if not self._queued:
+            self._ready.clear()
+
+    # ---- the transport's side ---------------------------------------------------------
+
+    def put(self, turn_id: int, pcm: bytes) -> None:
+        """Queue a turn's reply audio (never waits: the session waits for ``room`` before it
+        emits audio, so events behind the audio are not held up). A cut turn's audio is
+        dropped."""
+        if turn_id in self._cut or not pcm:
+            return
+        if turn_id not in self._sent:
+            self._sent[turn_id] = 0.0
+            while len(self._sent) > KEEP_TURNS:
+                del self._sent[next(iter(self._sent))]
+        if self._queue and self._queue[-1].turn_id == turn_id:
+            self._queue[-1].pcm.extend(pcm)
+        else:
+            self._queue.append(_Segment(turn_id, bytearray(pcm)))
+        self._queued += len(pcm)
+        if self._queued >= self._max_bytes:
+            self._room.clear()
+        if not self.paused:
+            self._ready.set()
+
+    async def room(self) -> None:
+        """Wait until less than ``max_buffer_ms`` is queued."""
+        await self._room.wait()
+
+    def take(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` of queued audio to send now (b"" when idle or paused)."""
+        if self.paused or not self._queue:
+            return b""
+        seg = self._queue[0]
+        chunk = bytes(seg.pcm[:max_bytes])
+        del seg.pcm[:max_bytes]
+        if not seg.pcm:
+            self._queue.popleft()
+        self._queued -= len(chunk)
+        if not self._queued:
+            self._ready.clear()
+        if self._queued < self._max_bytes:
+            self._room.set()
+        ms = len(chunk) / 2 * 1000 / self.rate
+        self._sent[seg.turn_id] = self._sent.get(seg.turn_id, 0.0) + ms
+        self._last_turn = seg.turn_id
+        self._play_end = max(self._play_end, self._clock()) + ms / 1000
+        if self.echo is not None:
+            self.echo.played(chunk)
+        return chunk
+
+    def mic(self, audio: Float32Array) -> Float32Array:
+        """Microphone audio (16 kHz mono) with this playout's echo removed, when the server
+        cancels echo for this client."""
+        return audio if self.echo is None else self.echo.capture(audio)
+
+    async def paced(self, chunk_ms: int, lead_ms: int) -> AsyncIterator[bytes]:
+        """Queued audio in chunks of ``chunk_ms``, sent as soon as the client holds less than
+        ``lead_ms`` of unplayed audio: the first chunk of a reply leaves at once, the rest
+        in real time. Runs until cancelled."""
+        size = self.rate * chunk_ms // 1000 * 2
+        while True:
+            await self._ready.wait()
+            ahead = self._play_end - self._clock()
+            if ahead * 1000 > lead_ms:
+                await asyncio.sleep(ahead - lead_ms / 1000)
+                continue
+            chunk = self.take(size)
+            if chunk:
+                yield chunk
