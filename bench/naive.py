@@ -58,6 +58,15 @@ class NaiveSession:
     def submit_text(self, text: str) -> None:
         raise NotImplementedError("the naive baseline takes speech only")
 
+    def attach_playout(self, playout: object) -> None:
+        pass  # no barge-in: the baseline talks until it is done
+
+    def interrupt(self) -> None:
+        pass
+
+    def playback(self, played_ms: int, turn_id: int | None) -> None:
+        pass
+
     def close(self) -> None:
         self._stop.set()
 

@@ -112,9 +112,13 @@ class WebRtcClient(EventLog):
 
     def __init__(self, base_url: str, *, camera: MediaStreamTrack | None = None,
                  language: str | None = None, host_addresses: list[str] | None = None,
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_event: Callable[[dict[str, Any]], None] | None = None,
+                 echo_cancellation: bool = True, report_playback: bool = True) -> None:
         super().__init__(on_event)
         self.base_url = base_url.rstrip("/")
+        self.echo_cancellation = echo_cancellation  # False: the server removes the echo
+        self.report_playback = report_playback
+        self._voiced_bytes: dict[int, int] = {}  # turn → its audio up to the last sound
         self.microphone = MicrophoneTrack()
         self.camera = camera
         self.language = language
@@ -131,6 +135,8 @@ class WebRtcClient(EventLog):
         self._channel = pc.createDataChannel(EVENTS_LABEL)
         self._channel.on("message", self._on_message)
         self._tasks.append(asyncio.create_task(self._read_events()))
+        if self.report_playback:
+            self._tasks.append(asyncio.create_task(self._report_playback()))
         pc.addTrack(self.microphone)
         if self.camera is not None:
             pc.addTrack(self.camera)
@@ -147,7 +153,7 @@ class WebRtcClient(EventLog):
 
         await pc.setLocalDescription(await pc.createOffer())
         body = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
-                "language": self.language}
+                "language": self.language, "echo_cancellation": self.echo_cancellation}
         async with aiohttp.ClientSession() as http, \
                 http.post(f"{self.base_url}/offer", json=body) as resp:
             answer = await resp.json()
@@ -180,9 +186,32 @@ class WebRtcClient(EventLog):
         """Reply audio as 48 kHz mono s16le; silence before a turn's first audio is skipped."""
         async for pcm in mono_pcm(track, RATE):
             turn = self.turns.get(self._current) if self._current is not None else None
-            if turn is None or (not turn.audio and np.abs(pcm).max() < SILENT_PEAK):
+            silent = np.abs(pcm).max() < SILENT_PEAK
+            if turn is None or (not turn.audio and silent):
                 continue
             await self.add_audio(pcm.astype("<i2").tobytes())
+            if not silent:
+                self._voiced_bytes[turn.turn_id] = len(turn.audio)
+
+    def played_ms(self, turn_id: int) -> float:
+        """A WebRTC track plays as it arrives: the turn's audio up to its latest sound."""
+        turn = self.turns[turn_id]
+        if turn.played_when_cut is not None:
+            return turn.played_when_cut
+        return self._voiced_bytes.get(turn_id, 0) / 2 * 1000 / RATE
+
+    async def _report_playback(self) -> None:
+        last: dict[str, Any] | None = None
+        while True:
+            await asyncio.sleep(0.2)
+            report = self.playback_report()
+            if report is not None and report != last and self._channel is not None \
+                    and self._channel.readyState == "open":
+                self.send(report)
+                last = report
+
+    def interrupt(self) -> None:
+        self.send({"type": "interrupt"})
 
     def send(self, message: dict[str, Any]) -> None:
         assert self._channel is not None

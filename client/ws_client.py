@@ -16,33 +16,52 @@ from client.wavio import last_voiced_sample
 from streaming.audio import Float32Array, float_to_pcm16, resample
 
 FRAME_MS = 20
+PLAYBACK_EVERY_S = 0.2  # playback reports while a reply plays
 
 
 class VoxlensClient(EventLog):
     """One WebSocket session. Events are collected as they arrive by a reader task."""
 
-    def __init__(self, url: str, *, on_event: Callable[[dict[str, Any]], None] | None = None):
+    def __init__(self, url: str, *, on_event: Callable[[dict[str, Any]], None] | None = None,
+                 report_playback: bool = True):
         super().__init__(on_event)
         self.url = url
+        self.report_playback = report_playback
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> VoxlensClient:
         self._http = aiohttp.ClientSession()
         self._ws = await self._http.ws_connect(self.url, max_msg_size=0)
-        self._reader = asyncio.create_task(self._read())
+        self._tasks.append(asyncio.create_task(self._read()))
+        if self.report_playback:
+            self._tasks.append(asyncio.create_task(self._report_playback()))
         await self.wait_for(lambda: self.ready is not None, timeout_s=30)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._ws is not None:
             await self._ws.close()
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
+
+    async def _report_playback(self) -> None:
+        """Tell the server how much of the reply the speaker has played (for barge-in)."""
+        last: dict[str, Any] | None = None
+        while True:
+            await asyncio.sleep(PLAYBACK_EVERY_S)
+            report = self.playback_report()
+            if report is not None and report != last:
+                await self.send(report)
+                last = report
+
+    async def interrupt(self) -> None:
+        """Stop the reply (what a stop button or push-to-talk does)."""
+        await self.send({"type": "interrupt"})
 
     async def _read(self) -> None:
         assert self._ws is not None

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from pipelines import models
+from pipelines.bargein import BACKCHANNELS, BargeInConfig, words
 from pipelines.compute import Compute
 from pipelines.engines.asr_whisper import WhisperAsr
 from pipelines.engines.base import Llm, Vlm
@@ -15,7 +16,7 @@ from pipelines.engines.tts_piper import PiperTts
 from pipelines.engines.vad_silero import SileroVad
 from pipelines.engines.vlm_openai import OpenAiVlm
 from pipelines.engines.vlm_scene import SceneVlm
-from pipelines.listener import ListenerConfig
+from pipelines.listener import EndpointConfig, ListenerConfig
 from pipelines.segmenter import SegmenterConfig
 from pipelines.session import Engines, SessionConfig, fixed_system_prompt
 from pipelines.turn import TurnConfig
@@ -80,12 +81,24 @@ def build_vision(settings: Settings, compute: Compute, cache: Path) -> Vlm | Non
 
 def session_config(settings: Settings) -> SessionConfig:
     v, a, m, vis = settings.vad, settings.asr, settings.llm, settings.vision
+    b = settings.bargein
     seg = SegmenterConfig(threshold=v.threshold, neg_threshold=v.neg_threshold,
-                          min_speech_ms=v.min_speech_ms, silence_ms=v.silence_ms, pad_ms=v.pad_ms,
+                          min_speech_ms=v.min_speech_ms, voice_ms=b.voice_ms,
+                          silence_ms=v.silence_ms, pad_ms=v.pad_ms,
                           max_utterance_ms=v.max_utterance_ms)
+    endpoint = EndpointConfig(adaptive=v.adaptive_endpoint, question_ms=v.question_silence_ms,
+                              incomplete_ms=v.incomplete_silence_ms)
+    backchannels = dict(BACKCHANNELS)
+    for lang, extra in b.backchannels.items():
+        backchannels[lang] = backchannels.get(lang, frozenset()) | {
+            " ".join(words(w)) for w in extra}
     return SessionConfig(
-        listener=ListenerConfig(segmenter=seg, partial_interval_ms=a.partial_interval_ms,
+        listener=ListenerConfig(segmenter=seg, endpoint=endpoint,
+                                partial_interval_ms=a.partial_interval_ms,
                                 speculative_final=a.speculative_final),
+        bargein=BargeInConfig(enabled=b.enabled, min_words=b.min_words,
+                              interrupt_after_ms=b.interrupt_after_ms, echo_overlap=b.echo_overlap,
+                              backchannels=backchannels),
         turn=TurnConfig(max_tokens=m.max_tokens),
         vision=VisionConfig(interval_s=vis.interval_s, change_threshold=vis.change_threshold,
                             memory=vis.memory, in_prompt=vis.in_prompt),

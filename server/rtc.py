@@ -53,7 +53,8 @@ async def offer(request: web.Request) -> web.Response:
     except Busy as e:
         return _error(503, e.code, e.message)
     pc = RTCPeerConnection(_configuration(state.settings))
-    adapter = WebRtcAdapter(pc, session, client_aec=req.echo_cancellation)
+    adapter = WebRtcAdapter(pc, session, client_aec=req.echo_cancellation,
+                            client_buffer_ms=state.settings.bargein.client_buffer_ms)
     try:
         session.configure(input_rate=16_000, input_channels=1, output_rate=OUT_RATE,
                           language=req.language, instructions=req.instructions)

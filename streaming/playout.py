@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from streaming.audio import Float32Array
 from streaming.echo import EchoCanceller
+from streaming.events import Event
 
 KEEP_TURNS = 8  # sent_ms is remembered for this many recent turns
 
@@ -44,6 +45,8 @@ class Playout:
         self._sent: dict[int, float] = {}  # turn → ms of its audio sent
         self._cut: collections.deque[int] = collections.deque(maxlen=KEEP_TURNS)
         self._last_turn: int | None = None  # the turn whose audio left last
+        self._deferred: list[tuple[int, Event]] = []  # events to send after a turn's audio
+        self._released: list[Event] = []
         self._play_end = 0.0  # wall time when everything sent so far has played at the client
         self.paused = False
         self._room = asyncio.Event()
@@ -105,12 +108,26 @@ class Playout:
         for seg in [s for s in self._queue if s.turn_id == turn_id]:
             self._queue.remove(seg)
             self._queued -= len(seg.pcm)
+        self._deferred = [(t, e) for t, e in self._deferred if t != turn_id]
         self._room.set()
         self.resume()
         if not self._queued:
             self._ready.clear()
 
     # ---- the transport's side ---------------------------------------------------------
+
+    def defer(self, turn_id: int, event: Event) -> bool:
+        """Hold an event (``reply.done``) until the turn's queued audio has been sent; False
+        when none is queued (send it now). A cut turn's deferred events are dropped."""
+        if not any(s.turn_id == turn_id for s in self._queue):
+            return False
+        self._deferred.append((turn_id, event))
+        return True
+
+    def released(self) -> list[Event]:
+        """Deferred events whose turn's audio has now all been sent (call after ``take``)."""
+        out, self._released = self._released, []
+        return out
 
     def put(self, turn_id: int, pcm: bytes) -> None:
         """Queue a turn's reply audio (never waits: the session waits for ``room`` before it
@@ -145,6 +162,9 @@ class Playout:
         del seg.pcm[:max_bytes]
         if not seg.pcm:
             self._queue.popleft()
+            if self._deferred and not any(s.turn_id == seg.turn_id for s in self._queue):
+                self._released += [e for t, e in self._deferred if t == seg.turn_id]
+                self._deferred = [(t, e) for t, e in self._deferred if t != seg.turn_id]
         self._queued -= len(chunk)
         if not self._queued:
             self._ready.clear()

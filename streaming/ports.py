@@ -6,7 +6,7 @@ from typing import Protocol
 
 from streaming.audio import Float32Array
 from streaming.channels import Channel
-from streaming.events import Event, ReplyAudio, SessionReady
+from streaming.events import Event, Metrics, ReplyAudio, ReplyDone, SessionReady
 from streaming.images import Image
 from streaming.playout import Playout
 from streaming.protocol import ClientMessage, Interrupt, Playback, TextTurn
@@ -59,9 +59,13 @@ def apply_client_message(message: ClientMessage, session: SessionPort) -> Client
 
 
 def route_event(event: Event, playout: Playout) -> Event | None:
-    """Reply audio goes into the playout; every other event is returned for the transport
-    to send. (The session waits for room in the playout before it emits audio.)"""
-    if isinstance(event, ReplyAudio):
-        playout.put(event.turn_id, event.pcm)
-        return None
+    """Reply audio goes into the playout (the session waits for room before it emits audio);
+    a turn's ``reply.done`` and ``metrics`` wait in the playout until its audio has been sent
+    (``Playout.released``); every other event is returned for the transport to send now."""
+    match event:
+        case ReplyAudio(turn_id=turn_id, pcm=pcm):
+            playout.put(turn_id, pcm)
+            return None
+        case ReplyDone(turn_id=turn_id) | Metrics(turn_id=turn_id) if playout.defer(turn_id, event):
+            return None
     return event

@@ -16,7 +16,7 @@ import contextlib
 import fractions
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import aioice.ice
 import av
@@ -118,12 +118,16 @@ class PcmTrack(MediaStreamTrack):
 class ReplyTrack(PcmTrack):
     """Reply audio out: each 20 ms tick takes its frame from the session's ``Playout``."""
 
-    def __init__(self, playout: Playout) -> None:
+    def __init__(self, playout: Playout, on_released: Callable[[Event], None]) -> None:
         super().__init__()
         self.playout = playout
+        self._on_released = on_released
 
     def _take(self, n: int) -> bytes:
-        return self.playout.take(n)
+        chunk = self.playout.take(n)
+        for event in self.playout.released():  # reply.done once its last audio went out
+            self._on_released(event)
+        return chunk
 
 
 class WebRtcAdapter:
@@ -131,13 +135,13 @@ class WebRtcAdapter:
     ``setRemoteDescription`` so it sees the peer's tracks and data channel."""
 
     def __init__(self, pc: RTCPeerConnection, session: SessionPort, *,
-                 client_aec: bool = True) -> None:
+                 client_aec: bool = True, client_buffer_ms: int = JITTER_BUFFER_MS) -> None:
         self.pc = pc
         self.session = session
-        self.playout = Playout(OUT_RATE, client_buffer_ms=JITTER_BUFFER_MS,
+        self.playout = Playout(OUT_RATE, client_buffer_ms=client_buffer_ms,
                                echo=None if client_aec else EchoCanceller(OUT_RATE))
         session.attach_playout(self.playout)
-        self.reply = ReplyTrack(self.playout)
+        self.reply = ReplyTrack(self.playout, self._send)
         self.latest_frame: av.VideoFrame | None = None
         self.frames_received = 0
         self.remote_tracks: list[MediaStreamTrack] = []

@@ -32,14 +32,15 @@ LEAD_MS = 200  # reply audio sent ahead of real time (the client's playout buffe
 
 class WebSocketAdapter:
     def __init__(self, ws: web.WebSocketResponse, session: SessionPort, *,
-                 lead_ms: int = LEAD_MS) -> None:
+                 lead_ms: int = LEAD_MS, client_buffer_ms: int = 100) -> None:
         self.ws = ws
         self.session = session
         self.lead_ms = lead_ms
         ready = session.ready_event()
         self._converter = InputConverter(ready.input.sample_rate, ready.input.channels)
         rate = ready.output.sample_rate
-        self.playout = Playout(rate, echo=EchoCanceller(rate))  # until the client says it has AEC
+        # the server cancels echo until the client says it has its own AEC (session.start)
+        self.playout = Playout(rate, client_buffer_ms=client_buffer_ms, echo=EchoCanceller(rate))
         session.attach_playout(self.playout)
         self._bad = 0
         self._send_lock = asyncio.Lock()  # the pumps and replies to bad input share the socket
@@ -84,6 +85,8 @@ class WebSocketAdapter:
         async for chunk in self.playout.paced(CHUNK_MS, self.lead_ms):
             async with self._send_lock:
                 await self.ws.send_bytes(chunk)
+            for event in self.playout.released():  # reply.done after the reply's last audio
+                await self._send(event)
 
     async def _receive(self) -> None:
         async for msg in self.ws:

@@ -8,11 +8,13 @@ const params = new URLSearchParams(location.search);
 // State the page exposes for people (the DOM) and for tests (window.voxlens).
 const vx = (window.voxlens = {
   state: "idle", sessionId: null, finals: [], replies: {}, metrics: [], errors: [],
-  scene: null, audioEnergy: 0, receivedMs: 0, playedMs: 0,
+  scene: null, audioEnergy: 0, receivedMs: 0, playedMs: 0, interrupted: [], playbackReports: 0,
 });
 
 let pc = null, channel = null, micStream = null, camStream = null, statsTimer = null;
-let replyTurn = null, replyStartMs = 0;
+// The reply playing now, where its first sound was in the received stream, and the audio
+// energy at reply.started (its first sound is when the energy starts growing again).
+let replyTurn = null, replyStartMs = null, replyEnergy = 0;
 
 function setState(state, label) {
   vx.state = state;
@@ -74,7 +76,8 @@ function onEvent(ev) {
     case "reply.started": {
       $("reply").muted = false;
       replyTurn = ev.turn_id;
-      replyStartMs = vx.receivedMs;
+      replyStartMs = null;
+      replyEnergy = vx.audioEnergy;
       vx.replies[ev.turn_id] = "";
       const li = say("assistant", "", ev.turn_id);
       li.id = "reply-" + ev.turn_id;
@@ -90,6 +93,18 @@ function onEvent(ev) {
     case "reply.done":
       vx.replies[ev.turn_id] = ev.text;
       break;
+    case "reply.interrupted": {
+      // the server cut the reply where we were: show what was heard, stop reporting
+      vx.interrupted.push(ev);
+      const li = $("reply-" + ev.turn_id);
+      if (li) {
+        li.textContent = (ev.heard_text || "") + " …";
+        li.classList.add("interrupted");
+      }
+      if (replyTurn === ev.turn_id) replyTurn = null;
+      setState("listening", "listening");
+      break;
+    }
     case "metrics": {
       vx.metrics.push(ev);
       const ms = Math.round(ev.stages.first_audio_sent);
@@ -124,8 +139,11 @@ async function pollStats() {
       vx.receivedMs = Math.round((s.totalSamplesDuration || 0) * 1000);
       const level = s.audioLevel || 0;
       if (vx.state === "speaking" && replyTurn !== null) {
-        vx.playedMs = Math.max(0, vx.receivedMs - replyStartMs);
-        send({ type: "playback", played_ms: vx.playedMs });
+        // playback report for barge-in: reply audio played since its first sound
+        if (replyStartMs === null && vx.audioEnergy > replyEnergy + 1e-6) replyStartMs = vx.receivedMs;
+        vx.playedMs = replyStartMs === null ? 0 : Math.max(0, vx.receivedMs - replyStartMs);
+        send({ type: "playback", turn_id: replyTurn, played_ms: vx.playedMs });
+        vx.playbackReports += 1;
         if (level < 0.001 && vx.replies[replyTurn] !== undefined && vx.metrics.some((m) => m.turn_id === replyTurn)) {
           setState("listening", "listening");
         }
@@ -186,7 +204,9 @@ async function connect() {
     const resp = await fetch("/offer", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer", language: params.get("language") }),
+      // the browser cancels echo itself (getUserMedia echoCancellation), so the server need not
+      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer", language: params.get("language"),
+                             echo_cancellation: true }),
     });
     const answer = await resp.json();
     if (!resp.ok) throw Object.assign(new Error(answer.message), { code: answer.error });
@@ -233,8 +253,8 @@ $("mute").onclick = () => {
   $("mute").setAttribute("aria-pressed", String(!track.enabled));
   $("mute").textContent = track.enabled ? "Mute" : "Unmute";
 };
-// Stop silences the current reply here at once and tells the server (which stops generating
-// it once barge-in support lands); the next reply plays again.
+// Stop silences the current reply here at once and tells the server, which cuts it (its
+// reply.interrupted says what was heard); the next reply plays again.
 $("stop").onclick = () => {
   $("reply").muted = true;
   send({ type: "interrupt" });

@@ -73,6 +73,16 @@ async def test_page_holds_a_spoken_conversation(ns_server: ServerProcess, netns:
             await page.wait_for_function("window.voxlens.audioEnergy > 0", timeout=30_000)
             # the fake camera's frames reached the vision engine; the page shows what it saw
             await page.wait_for_function("window.voxlens.scene !== null", timeout=30_000)
+            # the page reports its playout position (barge-in knows what was heard) ...
+            await page.wait_for_function("window.voxlens.playbackReports > 0", timeout=30_000)
+            # ... and Stop cuts a reply: the server answers with reply.interrupted
+            replies = await page.evaluate("Object.keys(window.voxlens.replies).length")
+            await page.fill("#text", "Tell me a long story about the history of Paris.")
+            await page.click("#send")
+            await page.wait_for_function(
+                f"Object.keys(window.voxlens.replies).length > {replies}", timeout=60_000)
+            await page.click("#stop")
+            await page.wait_for_function("window.voxlens.interrupted.length > 0", timeout=30_000)
             vx = await page.evaluate("window.voxlens")
             await page.screenshot(path=str(ARTIFACTS / "page.png"))
             phone = await browser.new_page(viewport={"width": 390, "height": 844})
@@ -85,3 +95,4 @@ async def test_page_holds_a_spoken_conversation(ns_server: ServerProcess, netns:
     assert vx["audioEnergy"] > 0 and vx["receivedMs"] > 0
     assert not vx["errors"], vx["errors"]
     assert vx["scene"].strip()
+    assert vx["interrupted"][0]["turn_id"] > 0

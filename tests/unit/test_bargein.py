@@ -90,6 +90,7 @@ class Room:
             chunk = self.playout.take(RATE * 2 // 50)
             if chunk:
                 self.played.append(Played(self.loop.time(), turn, len(chunk)))
+            self.events += [(self.loop.time(), e) for e in self.playout.released()]
 
     def of(self, kind: type) -> list:  # type: ignore[type-arg]
         return [e for _, e in self.events if isinstance(e, kind)]
@@ -257,15 +258,18 @@ async def test_interrupt_while_the_first_chunk_is_synthesized() -> None:
 async def test_interrupt_at_the_very_end_and_after_the_end() -> None:
     async with open_room() as room:
         room.session.submit_text("tell me about Paris")
-        await room.until(lambda: bool(room.of(ReplyDone)))
-        await room.until(lambda: 0 < room.playout.queued_ms() <= 300)
+        def generated() -> bool:
+            task = room.session._playing
+            return task is not None and task.done()
+        await room.until(lambda: generated() and 0 < room.playout.queued_ms() <= 300)
         room.session.interrupt()  # generation is over, the last words are still playing
         await room.until(lambda: bool(room.of(ReplyInterrupted)))
         (cut,) = room.of(ReplyInterrupted)
         assert len(cut.heard_text) > len(REPLY) // 2
         assert room.session.history.exchanges[0].assistant == cut.heard_text + CUT_MARK
         room.session.submit_text("and Spain?")
-        await room.until(lambda: len(room.of(ReplyDone)) == 2)
+        await room.until(lambda: bool(room.of(ReplyDone)))
+        assert [d.turn_id for d in room.of(ReplyDone)] == [2]  # reply.done waits for the audio
         await room.until(lambda: not room.playout.audible(2))
         room.session.interrupt()  # nothing is playing: nothing to interrupt
         await asyncio.sleep(1)
@@ -287,7 +291,7 @@ async def test_the_clients_playback_report_decides_what_was_heard() -> None:
 async def test_endpoint_waits_longer_when_the_person_trails_off() -> None:
     async with open_room() as room:
         start = await room.speak(tone(600, 1200), silence(1600))
-        (t_stop, stop), = [(t, e) for t, e in room.events if isinstance(e, SpeechStopped)]
+        (t_stop, _), = [(t, e) for t, e in room.events if isinstance(e, SpeechStopped)]
         assert t_stop - (start + 1.2) >= 1.1  # "… go to the": 1.1 s of silence, not 0.5
         assert [t for t, e in room.events if isinstance(e, SpeechStarted)]
         room.events.clear()

@@ -92,6 +92,6 @@ def test_endpoint_silence_can_change_within_an_utterance() -> None:
     run(seg, [0.9] * 20)
     seg.silence_ms = 1100  # e.g. the transcript so far trails off with "and"
     events = run(seg, [0.0] * 40)
-    (i_end, end), = [(i, ev) for i, ev in events if isinstance(ev, End)]
+    (i_end, _), = [(i, ev) for i, ev in events if isinstance(ev, End)]
     assert i_end == frames(1100) - 1
     assert seg.silence_ms == 500  # back to normal for the next utterance
