@@ -190,9 +190,9 @@ class Playout:
         size = self.rate * chunk_ms // 1000 * 2
         while True:
             await self._ready.wait()
-            ahead = self._play_end - self._clock()
-            if ahead * 1000 > lead_ms:
-                await asyncio.sleep(ahead - lead_ms / 1000)
+            wait = self._play_end - self._clock() - lead_ms / 1000
+            if wait > 0.001:
+                await asyncio.sleep(wait)
                 continue
             chunk = self.take(size)
             if chunk:
