@@ -105,10 +105,12 @@ async def trial(url: str, question: str, sound: Float32Array | None, room: EchoR
         assert reply.last_audio_at is not None
         # 0 when no reply audio came after the voice (the reply was between two chunks)
         out.latency_ms = max(0.0, (reply.last_audio_at - room.voice_at) * 1000)
-        loud = [t for t, on in room.speaker_on if on]
-        out.quiet_ms = max(0.0, (max(loud) - room.voice_at) * 1000 + 20)
         i = next(k for k, e in enumerate(client.events) if e["type"] == "reply.interrupted")
-        out.event_ms = (client.arrivals[i] - room.voice_at) * 1000
+        cut_at = client.arrivals[i]
+        out.event_ms = (cut_at - room.voice_at) * 1000
+        # the next reply's audio only comes after reply.interrupted
+        loud = [t for t, on in room.speaker_on if on and t <= cut_at]
+        out.quiet_ms = max(0.0, (max(loud) - room.voice_at) * 1000 + 20)
     return out
 
 
@@ -129,6 +131,10 @@ def unplayed_ms(client: VoxlensClient, reply: TurnRecord) -> float:
     return len(reply.audio) / 48 - client.played_ms(reply.turn_id)
 
 
+def nan(x: float | None) -> float:
+    return float("nan") if x is None else x
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q * 100)) if xs else float("nan")
 
@@ -147,9 +153,8 @@ async def main_async(trials: int) -> None:
                             lines[k % len(lines)], EchoRoom(24_000, gain_db=quiet), True)
             results.append(r)
             print(f"  interruption {k + 1:2d}: interrupted={r.interrupted} "
-                  f"last audio {r.latency_ms or float('nan'):6.0f} ms, loudspeaker quiet "
-                  f"{r.quiet_ms or float('nan'):6.0f} ms, event {r.event_ms or float('nan'):6.0f} ms",
-                  flush=True)
+                  f"last audio {nan(r.latency_ms):6.0f} ms, loudspeaker quiet "
+                  f"{nan(r.quiet_ms):6.0f} ms, event {nan(r.event_ms):6.0f} ms", flush=True)
         lat = [r.latency_ms for r in results if r.latency_ms is not None]
         quiet_ms = [r.quiet_ms for r in results if r.quiet_ms is not None]
         ev = [r.event_ms for r in results if r.event_ms is not None]

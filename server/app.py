@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pipelines.compute import Compute, Priority
 from pipelines.session import Engines
 from server.engines import build_engines, session_config
+from server.mqtt import MQTT, setup_mqtt
 from server.rtc import offer, setup_webrtc, webrtc_config
 from server.settings import Settings
 from server.state import STATE, AppState, Busy
@@ -43,6 +44,8 @@ async def healthz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body: dict[str, Any] = {"ready": state.engines is not None, "sessions": len(state.sessions),
                             "tasks": len(asyncio.all_tasks())}
+    if MQTT in request.app:
+        body["mqtt"] = request.app[MQTT].health()
     if state.engines is not None:
         body["models"] = state.engines.names()
         return web.json_response(body)
@@ -67,7 +70,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     try:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(session.run())
-            await WebSocketAdapter(ws, session).run()
+            b = state.settings.bargein
+            await WebSocketAdapter(ws, session, lead_ms=b.lead_ms,
+                                   client_buffer_ms=b.client_buffer_ms).run()
     finally:
         state.forget(session)
         await ws.close()
@@ -103,6 +108,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engines
         state.compute.close()
 
     app.cleanup_ctx.append(lifecycle)
+    setup_mqtt(app)
     app.router.add_get("/", index)
     app.router.add_static("/static", WEB_DIR)
     app.router.add_get("/healthz", healthz)

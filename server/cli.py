@@ -1,4 +1,4 @@
-"""The `voxlens` command: serve, models, talk."""
+"""The `voxlens` command: serve, models, talk, speaker (and desktop)."""
 
 from __future__ import annotations
 
@@ -127,6 +127,59 @@ def cmd_talk(args: argparse.Namespace) -> int:
     return asyncio.run(over_webrtc() if args.transport == "webrtc" else over_websocket())
 
 
+def cmd_desktop(args: argparse.Namespace) -> int:
+    from client.desktop import DesktopOptions, main
+
+    camera: int | Path | None = None if args.no_camera else (args.camera_file or args.camera)
+    options = DesktopOptions(url=args.url, language=args.language, camera=camera,
+                             mic_file=args.mic_file, record=args.record,
+                             ice_hosts=args.ice_host or [])
+    return main(options, headless=args.headless)
+
+
+def cmd_speaker(args: argparse.Namespace) -> int:
+    from client.links import Link, MqttLink, WsLink
+    from client.speaker import AudioIO, FileAudio, SoundDevices, Speaker, SpeakerOptions, sounddevice
+
+    if args.mqtt and not args.device:
+        print("error: --mqtt needs --device ID (the device's id, usually its MQTT username)",
+              file=sys.stderr)
+        return 2
+    if args.output_file and not args.input_file:
+        print("error: --output-file goes with --input-file", file=sys.stderr)
+        return 2
+    if args.push_to_talk and args.input_file:
+        print("error: --push-to-talk needs the microphone, not --input-file", file=sys.stderr)
+        return 2
+    link: Link = (MqttLink(args.mqtt, args.device, prefix=args.prefix, sequence=args.sequence,
+                           ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+                  if args.mqtt else WsLink(args.url))
+    options = SpeakerOptions(input_rate=args.rate, output_rate=args.output_rate,
+                             language=args.language, push_to_talk=args.push_to_talk,
+                             prebuffer_ms=args.prebuffer_ms, json_events=args.json,
+                             timeout_s=args.timeout)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    audio: AudioIO
+    status = 1
+    try:
+        if args.list_devices:
+            print(sounddevice().query_devices())
+            return 0
+        if args.input_file:
+            audio = FileAudio(args.input_file, args.output_file, args.rate, args.output_rate)
+        else:
+            devices = SoundDevices(args.rate, args.output_rate, input_device=args.input_device,
+                                   output_device=args.output_device)
+            devices.check()  # PortAudio missing, no such device, unsupported rate: say so now
+            audio = devices
+        status = asyncio.run(Speaker(link, audio, options).run())
+    except* RuntimeError as group:  # the sound devices (also when they fail later)
+        print(f"error: {group.exceptions[0]}", file=sys.stderr)
+    except* KeyboardInterrupt:
+        status = 0
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="voxlens", description="Real-time voice-and-vision "
                                      "assistant server")
@@ -157,6 +210,54 @@ def main(argv: list[str] | None = None) -> int:
                    help="webrtc: offer ICE host candidates on this address only (repeatable)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.set_defaults(func=cmd_talk)
+
+    p = sub.add_parser("desktop", help="the desktop app: microphone, camera and speaker over "
+                       "WebRTC, in a window")
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="the server (http://host:port)")
+    p.add_argument("--language", help="spoken language, e.g. en (default: detect)")
+    p.add_argument("--camera", type=int, default=0, help="camera device index (default 0)")
+    p.add_argument("--camera-file", type=Path, help="an image or video file as the camera")
+    p.add_argument("--no-camera", action="store_true", help="no camera at all")
+    p.add_argument("--mic-file", type=Path, help="a 16-bit WAV said once as the microphone")
+    p.add_argument("--record", type=Path, help="save the reply audio here (WAV) instead of "
+                   "playing it")
+    p.add_argument("--headless", action="store_true", help="no window: print events as JSON lines")
+    p.add_argument("--ice-host", action="append", metavar="ADDR",
+                   help="offer ICE host candidates on this address only (repeatable)")
+    p.set_defaults(func=cmd_desktop)
+
+    p = sub.add_parser("speaker", help="the smart-speaker / car client: microphone and speaker "
+                       "over MQTT or WebSocket (or WAV files)")
+    p.add_argument("--url", default="ws://127.0.0.1:8080/ws", help="the server's WebSocket "
+                   "(when not --mqtt)")
+    p.add_argument("--mqtt", metavar="URL", help="talk through this MQTT broker instead: "
+                   "mqtt://device:password@host:1883 or mqtts://…")
+    p.add_argument("--device", help="MQTT: this device's id (its topics are PREFIX/ID/…)")
+    p.add_argument("--prefix", default="voxlens", help="MQTT topic prefix (default voxlens)")
+    p.add_argument("--sequence", action="store_true", help="MQTT: number the audio messages "
+                   "(reordered and deduplicated on arrival)")
+    p.add_argument("--ca-file", type=Path, help="mqtts: CA bundle")
+    p.add_argument("--cert-file", type=Path, help="mqtts: client certificate")
+    p.add_argument("--key-file", type=Path, help="mqtts: client certificate key")
+    p.add_argument("--push-to-talk", action="store_true", help="talk only between two presses "
+                   "of Enter (or SIGUSR1); default: always listening")
+    p.add_argument("--input-file", type=Path, help="a 16-bit WAV instead of the microphone "
+                   "(said once in real time; the client exits when it has been answered)")
+    p.add_argument("--output-file", type=Path, help="with --input-file: record the speaker here "
+                   "(WAV)")
+    p.add_argument("--input-device", help="sounddevice input (index or name; see --list-devices)")
+    p.add_argument("--output-device", help="sounddevice output (index or name)")
+    p.add_argument("--list-devices", action="store_true", help="list the sound devices and exit")
+    p.add_argument("--rate", type=int, default=16000, help="microphone sample rate (default 16000)")
+    p.add_argument("--output-rate", type=int, default=24000, help="speaker sample rate "
+                   "(default 24000)")
+    p.add_argument("--language", help="spoken language, e.g. en (default: detect)")
+    p.add_argument("--prebuffer-ms", type=int, default=120, help="jitter buffer before a reply "
+                   "starts playing (default 120)")
+    p.add_argument("--json", action="store_true", help="print every event as a JSON line")
+    p.add_argument("--timeout", type=float, default=120.0, help="--input-file: give up after "
+                   "this many seconds")
+    p.set_defaults(func=cmd_speaker)
 
     args = parser.parse_args(argv)
     try:

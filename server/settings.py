@@ -5,10 +5,12 @@ Example: ``VOXLENS_ASR__MODEL=tiny.en`` or, in TOML, ``[asr] model = "tiny.en"``
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -17,6 +19,7 @@ from pydantic_settings import (
 )
 
 from pipelines.session import DEFAULT_SYSTEM_PROMPT
+from streaming.mqtt import check_prefix
 
 
 class _Section(BaseModel):
@@ -41,6 +44,28 @@ class VadSettings(_Section):
     pad_ms: int = Field(200, ge=0)
     max_utterance_ms: int = Field(30_000, ge=1000, le=30_000)
     threads: int = Field(1, ge=1)
+    adaptive_endpoint: bool = Field(True, description="end sooner after a complete question, "
+                                    "later when the transcript trails off")
+    question_silence_ms: int = Field(350, ge=64)
+    incomplete_silence_ms: int = Field(1100, ge=64)
+
+
+class BargeInSettings(_Section):
+    enabled: bool = True
+    voice_ms: int = Field(96, ge=32, description="voiced input that pauses a playing reply")
+    min_words: int = Field(1, ge=1, description="recognised words (not backchannels, not echo) "
+                           "that interrupt the reply")
+    interrupt_after_ms: int = Field(1200, ge=100, description="speech this long interrupts "
+                                    "without waiting for words")
+    echo_overlap: float = Field(0.7, gt=0, le=1, description="share of an utterance's words "
+                                "found in the reply that makes it echo")
+    backchannels: dict[str, list[str]] = Field(
+        default_factory=dict, description="more backchannels per language, added to the built-in "
+        "lists (pipelines/bargein.py)")
+    client_buffer_ms: int = Field(100, ge=0, description="audio sent but not yet heard at a "
+                                  "client that does not report playback (its jitter buffer)")
+    lead_ms: int = Field(200, ge=20, description="WebSocket/MQTT: reply audio sent ahead of "
+                         "real time")
 
 
 class AsrSettings(_Section):
@@ -128,6 +153,52 @@ class WebRtcSettings(_Section):
         "(e.g. ['127.0.0.1'] or the public IP of a 1:1 NAT); empty: every interface")
 
 
+class MqttSettings(_Section):
+    url: str | None = Field(None, description="the broker, mqtt://user:password@host:1883 or "
+                            "mqtts://… (TLS); unset: no MQTT. Also VOXLENS_MQTT_URL")
+    prefix: str = Field("voxlens", description="topics are <prefix>/<device_id>/…; also "
+                        "VOXLENS_MQTT_PREFIX")
+    client_id: str | None = Field(None, description="the server's MQTT client id; default "
+                                  "voxlens-<random>")
+    ca_file: Path | None = Field(None, description="mqtts: CA bundle (default: the system's)")
+    cert_file: Path | None = Field(None, description="mqtts: client certificate")
+    key_file: Path | None = Field(None, description="mqtts: the client certificate's key")
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    idle_timeout_s: float = Field(300.0, gt=0, description="a device session with no traffic "
+                                  "either way for this long is closed")
+    reconnect_max_s: float = Field(30.0, ge=0.5, description="longest wait between attempts "
+                                   "to reach the broker (exponential backoff)")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+                raise ValueError(f"MQTT URL {url!r}: use mqtt://[user:password@]host[:port] "
+                                 "or mqtts://…")
+        return url
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, prefix: str) -> str:
+        return check_prefix(prefix)
+
+
+class _FlatMqttNames(PydanticBaseSettingsSource):
+    """``VOXLENS_MQTT_URL`` and ``VOXLENS_MQTT_PREFIX`` (the documented short names) for
+    ``[mqtt] url`` and ``prefix``; the nested ``VOXLENS_MQTT__URL`` form wins over them."""
+
+    NAMES: ClassVar[dict[str, str]] = {"VOXLENS_MQTT_URL": "url", "VOXLENS_MQTT_PREFIX": "prefix"}
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found = {key: os.environ[env] for env, key in self.NAMES.items() if env in os.environ}
+        return {"mqtt": found} if found else {}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VOXLENS_", env_nested_delimiter="__",
                                       extra="forbid")
@@ -136,12 +207,14 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     models: ModelSettings = ModelSettings()
     vad: VadSettings = VadSettings()
+    bargein: BargeInSettings = BargeInSettings()
     asr: AsrSettings = AsrSettings()
     llm: LlmSettings = LlmSettings()
     tts: TtsSettings = TtsSettings()
     webrtc: WebRtcSettings = WebRtcSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     vision: VisionSettings = VisionSettings()
+    mqtt: MqttSettings = MqttSettings()
     log_level: str = "INFO"
 
     @classmethod
@@ -150,7 +223,8 @@ class Settings(BaseSettings):
         env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings,
+                                                     _FlatMqttNames(settings_cls)]
         if cls.config_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.config_file))
         return tuple(sources)

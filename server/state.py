@@ -58,7 +58,7 @@ class AppState:
     engines: Engines | None = None
     load_error: str | None = None
     sessions: dict[str, Session] = field(default_factory=dict)
-    transports: dict[str, str] = field(default_factory=dict)  # session id → "ws" | "webrtc"
+    transports: dict[str, str] = field(default_factory=dict)  # id → "ws" | "webrtc" | "mqtt"
     supervisor: Supervisor = field(default_factory=Supervisor)
 
     def open_session(self, transport: str) -> Session:

@@ -121,6 +121,9 @@ class WebSocketAdapter:
         """Handle one client message; False when the client ended the session."""
         match apply_client_message(parse_client_message(raw), self.session):
             case SessionStart() as m:
+                if m.audio.sequence or m.output_audio.sequence:
+                    raise ProtocolError("sequence-numbered audio is for MQTT; a WebSocket "
+                                        "delivers messages in order", code="unsupported")
                 converter = InputConverter(m.audio.sample_rate, m.audio.channels)
                 self.session.configure(
                     input_rate=m.audio.sample_rate, input_channels=m.audio.channels,

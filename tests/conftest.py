@@ -12,6 +12,7 @@ import pytest
 from server.launch import ServerProcess as Server
 from server.launch import free_port, spawn_server
 from streaming.audio import Float32Array, resample
+from tests.broker import SERVER_USER, Broker
 
 __all__ = ["ARTIFACTS", "Server", "free_port", "speak"]
 
@@ -122,3 +123,54 @@ def tiny_blip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+MQTT_PREFIX = "vx/test"  # two levels: the prefix is not assumed to be one
+MQTT_IDLE_PREFIX = "vx/idle"  # a second server on the same broker (short idle timeout)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A real mosquitto on a free loopback port, with per-device passwords and ACLs."""
+    b = Broker(tmp_path_factory.mktemp("mosquitto"), free_port(), [MQTT_PREFIX, MQTT_IDLE_PREFIX])
+    b.start()
+    yield b
+    b.stop()
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "mosquitto.log").write_bytes(b.log.read_bytes())
+
+
+@pytest.fixture(scope="session")
+def mqtt_server(broker: Broker) -> Iterator[Server]:
+    """The real server (default models) with MQTT on ``broker``, set with the short env names."""
+    s = spawn_server(ARTIFACTS / "server-mqtt.log",
+                     env={"VOXLENS_WEBRTC__HOST_ADDRESSES": '["127.0.0.1"]',
+                          "VOXLENS_LLM__TEMPERATURE": "0",
+                          "VOXLENS_MQTT_URL": broker.url(SERVER_USER),
+                          "VOXLENS_MQTT_PREFIX": MQTT_PREFIX})
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def xdisplay() -> Iterator[str]:
+    """A virtual X display (Debian xvfb) for window tests, ":N" on a display number Xvfb picks
+    itself (-displayfd), so it never collides with another display."""
+    import shutil
+    import subprocess
+
+    if shutil.which("Xvfb") is None:
+        pytest.fail("Xvfb is missing: ./run.sh test installs Debian's xvfb")
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(["Xvfb", "-displayfd", str(write_end), "-screen", "0", "1280x800x24",
+                             "-nolisten", "tcp"], pass_fds=(write_end,),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write_end)
+    with os.fdopen(read_end) as ready:  # Xvfb writes the number once it accepts clients
+        number = ready.readline().strip()
+    if not number:
+        proc.kill()
+        pytest.fail(f"Xvfb did not start (exit code {proc.wait()})")
+    yield f":{number}"
+    proc.terminate()
+    proc.wait(10)

@@ -77,6 +77,8 @@ BAD_INPUTS = [
     ('{"type": "dance"}', "unknown_type"),
     ('{"type": "text", "text": ""}', "bad_message"),
     ('{"type": "session.start", "audio": {"sample_rate": 7000}}', "unsupported"),
+    ('{"type": "session.start", "audio": {"sequence": true}}', "unsupported"),  # MQTT only
+    ('{"type": "playback", "played_ms": -5}', "bad_message"),
     ('{"type": "image", "data": "aGVsbG8="}', "bad_image"),
     (json.dumps({"type": "text", "text": "x" * 70000}), "too_large"),
     (b"\x01\x02\x03", "bad_audio"),

@@ -1,0 +1,318 @@
+"""The MQTT transport adapter for one device: its control and audio messages ⇄ its session.
+
+The server's bridge (server/mqtt.py) owns the one broker connection. It hands each device's
+messages to that device's ``DeviceAdapter`` without waiting (``offer``: a bounded inbox per
+device), and the adapter publishes through a ``send`` callback that never waits either. So a
+slow, flooding or broken device only ever hurts itself. The session outlives the device's
+connection: a repeated ``session.start`` with the same audio format resumes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from streaming.audio import InputConverter
+from streaming.channels import ChannelClosed
+from streaming.echo import EchoCanceller
+from streaming.errors import ProtocolError, VoxlensError
+from streaming.events import Error, Event
+from streaming.images import decode_base64_image
+from streaming.mqtt import (
+    AUDIO_IN,
+    AUDIO_OUT,
+    CONTROL,
+    EVENTS,
+    QOS,
+    SEQ_MOD,
+    Kind,
+    Reorderer,
+    pack_frame,
+    unpack_frame,
+)
+from streaming.playout import Playout
+from streaming.ports import SessionPort, apply_client_message, route_event
+from streaming.protocol import (
+    MAX_AUDIO_MESSAGE_BYTES,
+    ImageFrame,
+    SessionEnd,
+    SessionStart,
+    event_to_json,
+    parse_client_message,
+)
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[Kind, bytes, int], None]  # (topic kind, payload, QoS); must not wait
+
+CHUNK_MS = 40  # reply audio message length
+LEAD_MS = 200  # reply audio sent ahead of real time (the device's jitter buffer feeds on it)
+INBOX = {CONTROL: 16, AUDIO_IN: 50}  # unread messages per kind (50 audio messages: 1–5 s)
+REORDER_WINDOW = 8  # sequence-numbered audio: frames held waiting for a missing one
+FLUSH_AFTER_S = 0.25  # held frames are given up on when no audio came for this long
+ERROR_BURST, ERROR_RATE = 10, 2.0  # error events per device: a burst, then this many a second
+
+
+class Inbox:
+    """A device's unread messages in arrival order, with a bound per kind: an audio flood
+    cannot push out control messages, and nothing grows without limit."""
+
+    def __init__(self, limits: dict[str, int]) -> None:
+        self._limits = limits
+        self._items: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._counts = dict.fromkeys(limits, 0)
+        self.dropped = dict.fromkeys(limits, 0)
+        self._readable = asyncio.Event()
+        self._closed = False
+
+    def offer(self, kind: str, payload: bytes) -> bool:
+        """Queue without waiting; False (and counted) when that kind is full or closed."""
+        if self._closed or kind not in self._limits:
+            return False
+        if self._counts[kind] >= self._limits[kind]:
+            self.dropped[kind] += 1
+            return False
+        self._items.append((kind, payload))
+        self._counts[kind] += 1
+        self._readable.set()
+        return True
+
+    async def get(self) -> tuple[str, bytes]:
+        """The oldest message; ChannelClosed once closed. Cancelling it takes nothing."""
+        while not self._items:
+            if self._closed:
+                raise ChannelClosed("inbox is closed")
+            self._readable.clear()
+            await self._readable.wait()
+        kind, payload = self._items.popleft()
+        self._counts[kind] -= 1
+        return kind, payload
+
+    def close(self) -> None:
+        self._closed = True
+        self._items.clear()
+        self._counts = dict.fromkeys(self._limits, 0)
+        self._readable.set()
+
+
+class ErrorBudget:
+    """A token bucket for error events, so garbage sent in a loop is not echoed in a loop."""
+
+    def __init__(self, burst: int = ERROR_BURST, rate: float = ERROR_RATE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._burst, self._rate, self._clock = burst, rate, clock
+        self._tokens = float(burst)
+        self._at = clock()
+        self.suppressed = 0
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        self.suppressed += 1
+        return False
+
+
+class DeviceAdapter:
+    def __init__(self, device_id: str, session: SessionPort, send: Send, *,
+                 lead_ms: int = LEAD_MS, client_buffer_ms: int = 100,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.device_id = device_id
+        self.session = session
+        self.lead_ms = lead_ms
+        self._send = send
+        self._clock = clock
+        ready = session.ready_event()
+        self._converter = InputConverter(ready.input.sample_rate, ready.input.channels)
+        rate = ready.output.sample_rate
+        # the server cancels echo until the device says it has its own AEC (session.start)
+        self.playout = Playout(rate, client_buffer_ms=client_buffer_ms, echo=EchoCanceller(rate),
+                               clock=clock)
+        session.attach_playout(self.playout)
+        self._inbox = Inbox(INBOX)
+        self._reported = dict.fromkeys(INBOX, 0)  # inbox drops already reported
+        self._errors = ErrorBudget(clock=clock)
+        self._in_order: Reorderer[bytes] | None = None  # when the device numbers its audio
+        self._out_seq: int | None = None  # next audio/out sequence number, when asked for
+        self.ended = False  # session.end received or the session is gone: offer() refuses
+        self.last_active = clock()
+
+    # ---- the bridge's side ----------------------------------------------------------
+
+    def offer(self, kind: Kind, payload: bytes) -> bool:
+        """A message from the device (control or audio/in); never waits. False when dropped."""
+        self.last_active = self._clock()
+        return not self.ended and self._inbox.offer(kind, payload)
+
+    def expire(self, idle_s: float) -> None:
+        """Close the session of a device that went quiet, telling it why."""
+        self._emit(Error("expired", f"the session was closed after {idle_s:g} s without "
+                         "traffic; send session.start to begin a new one", True))
+        self.ended = True
+        self.session.close()
+
+    async def run(self) -> None:
+        """Pump the device's messages into the session and its events and reply audio out,
+        until the session ends (``session.end``, expiry, a fatal error).
+
+        Cancelling it stops every pump; either way the session is closed on the way out.
+        """
+        async with asyncio.TaskGroup() as tg:
+            pumps = [tg.create_task(self._send_events()), tg.create_task(self._send_audio())]
+            try:
+                await self._receive()
+            finally:
+                self.ended = True
+                self.session.close()
+                for pump in pumps:
+                    pump.cancel()
+
+    # ---- device → session -----------------------------------------------------------
+
+    async def _receive(self) -> None:
+        while True:
+            try:
+                kind, payload = await self._next_message()
+            except ChannelClosed:
+                return
+            except TimeoutError:  # numbered audio stopped with a gap: play what is held
+                assert self._in_order is not None
+                await self._push_frames(self._in_order.flush())
+                continue
+            try:
+                if kind == CONTROL:
+                    if not await self._on_control(payload):
+                        return
+                else:
+                    await self._on_audio(payload)
+            except VoxlensError as e:
+                self._reject(e)
+            self._report_drops()
+
+    async def _next_message(self) -> tuple[str, bytes]:
+        if self._in_order is not None and self._in_order.pending:
+            async with asyncio.timeout(FLUSH_AFTER_S):  # (wait_for may swallow a cancel on 3.11)
+                return await self._inbox.get()
+        return await self._inbox.get()
+
+    def _reject(self, e: VoxlensError) -> None:
+        if self._errors.take():
+            self._emit(Error(e.code, e.message, not e.recoverable))
+
+    def _report_drops(self) -> None:
+        for kind, n in self._inbox.dropped.items():
+            if n > self._reported[kind] and self._errors.take():
+                self._emit(Error("busy", f"{n - self._reported[kind]} {kind} messages dropped: "
+                                 "the device sends faster than the session can take them"))
+                self._reported[kind] = n
+
+    async def _on_audio(self, payload: bytes) -> None:
+        if len(payload) > MAX_AUDIO_MESSAGE_BYTES:
+            raise ProtocolError(f"audio message of {len(payload)} bytes exceeds the "
+                                f"{MAX_AUDIO_MESSAGE_BYTES}-byte limit", code="too_large")
+        if self._in_order is None:
+            await self._push(payload)
+            return
+        seq, pcm = unpack_frame(payload)
+        if len(pcm) % self._converter.frame_bytes:  # refused now, not when it is due
+            raise ProtocolError(f"audio of {len(pcm)} bytes after the header is not a whole "
+                                f"number of {self._converter.frame_bytes}-byte frames",
+                                code="bad_audio")
+        await self._push_frames(self._in_order.push(seq, pcm))
+
+    async def _push_frames(self, frames: list[tuple[int, bytes]]) -> None:
+        for missing, pcm in frames:
+            if missing:  # lost frames become silence of the same length: the clock stays right
+                await self._push(bytes(len(pcm) * min(missing, REORDER_WINDOW)))
+            await self._push(pcm)
+
+    async def _push(self, pcm: bytes) -> None:
+        audio = self.playout.mic(self._converter.convert(pcm))
+        if audio.size:
+            await self.session.push_audio(audio)
+
+    async def _on_control(self, payload: bytes) -> bool:
+        """Handle one client message; False when the device ended the session."""
+        try:
+            raw = payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ProtocolError("control message is not UTF-8 JSON text") from e
+        match apply_client_message(parse_client_message(raw), self.session):
+            case SessionStart() as m:
+                self._start(m)
+            case ImageFrame(data=data):
+                # decoding a large JPEG takes milliseconds: off the event loop
+                self.session.push_frame(await asyncio.to_thread(decode_base64_image, data))
+            case SessionEnd():
+                return False
+        return True
+
+    def _start(self, m: SessionStart) -> None:
+        """Configure the session, or resume it: a device that reconnects repeats its
+        ``session.start``, and the same audio format continues the conversation."""
+        converter = InputConverter(m.audio.sample_rate, m.audio.channels)
+        rate = m.output_audio.sample_rate
+        resumed = False
+        try:
+            self.session.configure(
+                input_rate=m.audio.sample_rate, input_channels=m.audio.channels,
+                output_rate=rate, language=m.language, instructions=m.instructions)
+        except ProtocolError as e:
+            ready = self.session.ready_event()
+            same = (ready.input.sample_rate, ready.input.channels, ready.output.sample_rate) == (
+                m.audio.sample_rate, m.audio.channels, rate)
+            if e.code != "bad_state" or not same:
+                raise ProtocolError("this device's session is running with another audio format; "
+                                    "send session.end first to start a new one",
+                                    code="bad_state") from e
+            resumed = True
+        self._converter = converter
+        self._in_order = Reorderer(REORDER_WINDOW) if m.audio.sequence else None
+        self._out_seq = 0 if m.output_audio.sequence else None
+        server_aec = not m.audio.echo_cancellation
+        if not resumed or server_aec != (self.playout.echo is not None):  # resuming keeps the
+            self.playout.reconfigure(rate, EchoCanceller(rate) if server_aec else None)  # queue
+        ready_json = event_to_json(self.session.ready_event())
+        ready_json["resumed"] = resumed
+        ready_json["input"]["sequence"] = m.audio.sequence
+        ready_json["output"]["sequence"] = m.output_audio.sequence
+        self._publish_json(ready_json)
+
+    # ---- session → device -----------------------------------------------------------
+
+    def _emit(self, event: Event) -> None:
+        self._publish_json(event_to_json(event))
+
+    def _publish_json(self, obj: dict[str, Any]) -> None:
+        self.last_active = self._clock()
+        self._send(EVENTS, json.dumps(obj, ensure_ascii=False).encode(), QOS[EVENTS])
+
+    async def _send_events(self) -> None:
+        """Forward session events; when the session ends on its own, stop reading the device."""
+        try:
+            while True:
+                event = route_event(await self.session.events.get(), self.playout)
+                if event is not None:
+                    self._emit(event)
+        except ChannelClosed:
+            self.ended = True
+            self._inbox.close()
+
+    async def _send_audio(self) -> None:
+        """Reply audio in real time, ``lead_ms`` ahead (so barge-in can still hold it back)."""
+        async for chunk in self.playout.paced(CHUNK_MS, self.lead_ms):
+            self.last_active = self._clock()
+            if self._out_seq is not None:
+                chunk = pack_frame(self._out_seq, chunk)
+                self._out_seq = (self._out_seq + 1) % SEQ_MOD
+            self._send(AUDIO_OUT, chunk, QOS[AUDIO_OUT])
+            for event in self.playout.released():  # reply.done after the reply's last audio
+                self._emit(event)
