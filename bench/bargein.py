@@ -88,7 +88,7 @@ async def trial(url: str, question: str, sound: Float32Array | None, room: EchoR
             await client.say(question)
             await client.wait_for(lambda: any(t.audio for t in client.turns.values()), 120)
             reply = next(t for t in client.turns.values() if t.audio)
-            while not reply.done and not (  # noqa: ASYNC110
+            while not reply.done and reply.interrupted is None and not (  # noqa: ASYNC110
                     client.played_ms(reply.turn_id) >= 1000 and unplayed_ms(client, reply) >= 100):
                 await asyncio.sleep(0.02)  # a second heard, and audio flowing (not between chunks)
             if sound is not None:
@@ -139,7 +139,7 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q * 100)) if xs else float("nan")
 
 
-async def main_async(trials: int) -> None:
+async def main_async(trials: int, parts: set[str]) -> None:
     v = voice()
     server = spawn_server(Path("bench/results/bargein.log"))
     quiet = -90.0  # headphones: nothing leaks back
@@ -148,7 +148,7 @@ async def main_async(trials: int) -> None:
               "settings (whisper base, qwen2.5-0.5b, piper joe)\n")
         lines = [said(v, t) for t in INTERRUPTIONS]
         results = []
-        for k in range(trials):
+        for k in range(trials if "interrupt" in parts else 0):
             r = await trial(server.ws, f"Tell me about {CITIES[k % len(CITIES)]}.",
                             lines[k % len(lines)], EchoRoom(24_000, gain_db=quiet), True)
             results.append(r)
@@ -164,7 +164,7 @@ async def main_async(trials: int) -> None:
               f"{pct(quiet_ms, .5):.0f} / p95 {pct(quiet_ms, .95):.0f} ms; reply.interrupted "
               f"p50 {pct(ev, .5):.0f} / p95 {pct(ev, .95):.0f} ms")
 
-        sounds = {t: said(v, t) for t in BACKCHANNELS} | noises()
+        sounds = {t: said(v, t) for t in BACKCHANNELS} | noises() if "false" in parts else {}
         false = 0
         for k, (name, sound) in enumerate(sounds.items()):
             r = await trial(server.ws, f"Tell me about {CITIES[k % len(CITIES)]}.", sound,
@@ -175,8 +175,10 @@ async def main_async(trials: int) -> None:
 
         print("\nself-interruption under echo (room noise -50 dBFS, reflections):")
         print(f"{'delay ms':>8} {'level dB':>8} {'AEC':>7} {'trials':>6} {'self-interruptions':>18}")
-        conditions = [(d, g, False) for d in (40, 80, 200) for g in (-12, -6, 0)]
-        conditions.append((80, -6, True))
+        conditions = [(d, g, False) for d in (40, 80, 200) for g in (-12, -6, 0)
+                      if "echo" in parts]
+        if "no-aec" in parts:
+            conditions.append((80, -6, True))
         for delay, gain, client_aec in conditions:
             n = 2
             bad = 0
@@ -194,9 +196,11 @@ async def main_async(trials: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--parts", default="interrupt,false,echo,no-aec",
+                        help="comma-separated: interrupt, false, echo, no-aec")
     args = parser.parse_args()
     t0 = time.monotonic()
-    asyncio.run(main_async(args.trials))
+    asyncio.run(main_async(args.trials, set(args.parts.split(","))))
     print(f"\n(took {time.monotonic() - t0:.0f} s)")
 
 
