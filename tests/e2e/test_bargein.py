@@ -115,7 +115,9 @@ async def test_speaking_over_the_reply_interrupts_it(app: App, lines: dict[str, 
         await client.wait_for(lambda: any(t.done for t in client.turns.values()), timeout_s=60)
         session = app.session(client.ready["session_id"])  # type: ignore[index]
         history = [(e.user, e.assistant) for e in session.history.exchanges]
-    assert 1000 <= cut["played_ms"] < len(reply.audio) / 48  # heard 1 s+, not everything sent
+    # heard 1 s and more: at most what reached the client (it plays out what it has while the
+    # reply is paused, so all of it when the cut comes late)
+    assert 1000 <= cut["played_ms"] <= len(reply.audio) / 48 + 1
     assert reply.text.strip().startswith(cut["heard_text"]) and cut["heard_text"]
     assert len(cut["heard_text"]) < len(reply.text.strip())
     assert reply.late_audio == 0  # nothing of the interrupted reply after reply.interrupted
