@@ -155,7 +155,7 @@ class DesktopWindow:
         self.notice = tk.Label(right, text="", bg=BG, fg=ERR, anchor="w", justify="left",
                                wraplength=320)
         self.notice.grid(row=3, column=0, sticky="we", pady=(6, 0))
-        tk.Label(right, text="m mute · c camera · s stop · t type · Enter send · Esc quit", bg=BG, fg=DIM,
+        tk.Label(right, text="m mute · c camera · s stop · t type · Esc quit", bg=BG, fg=DIM,
                  font=("Helvetica", 10)).grid(row=4, column=0, sticky="w", pady=(6, 0))
 
     def _bind_keys(self) -> None:
