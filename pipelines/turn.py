@@ -61,10 +61,11 @@ class Turn:
     audio_room: Callable[[], Awaitable[None]] | None = None  # waits while the playout is full
 
     def reply_for_history(self) -> str:
-        """The reply as history keeps it: what was heard, marked where it was cut off."""
+        """The reply as history keeps it: what was heard, marked where it was cut off. Nothing
+        when nothing was heard (a bare mark would teach a small LLM to answer with one)."""
         if self.heard is None:
             return self.text.strip()
-        return f"{self.heard}{CUT_MARK}" if self.heard else CUT_MARK
+        return f"{self.heard}{CUT_MARK}" if self.heard else ""
 
     def release(self, speech_end: float | None = None) -> None:
         """Let the reply out. ``speech_end`` (wall time) is the zero of its stage timings."""
