@@ -379,8 +379,9 @@ class Session:
             self._release(turn, task, speech_end)
 
     def _release(self, turn: Turn, task: asyncio.Task[None], speech_end: float | None) -> None:
-        if self._audible() is not None:
-            self._interrupt()  # a newer user turn replaces the reply still going
+        if self._playing is not None and not self._playing.done():
+            self._interrupt()  # a newer user turn replaces the reply still being made
+        # (a reply already made plays out its last queued audio; the new one follows it)
         self._playing, self._reply = task, turn
         turn.release(speech_end)
 

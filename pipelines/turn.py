@@ -138,12 +138,12 @@ class Turn:
                     await self.audio_room()
                 self._mark("first_audio_sent")
             await self.events.put(item)
-        await self.events.put(ReplyDone(self.turn_id, self.text.strip()))
         base = self.speech_end if self.speech_end is not None else self.clock()
         stages = {k: (v - base) * 1000 for k, v in self.marks.items()}
         if self.on_metrics is not None:
             self.on_metrics(stages)
         await self.events.put(Metrics(self.turn_id, stages))
+        await self.events.put(ReplyDone(self.turn_id, self.text.strip()))  # the turn's last event
 
 
 async def _aclose(iterator: AsyncIterator[str]) -> None:

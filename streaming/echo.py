@@ -43,6 +43,12 @@ class EchoCanceller:
         self._render = np.concatenate([self._render, x])[-self._max_render:]
         self._idle = 0
 
+    def forget_unplayed(self) -> None:
+        """The client dropped the reply audio it had not played yet (a cut): that audio never
+        reaches the room, so it must not stay in the reference either (it would misalign the
+        next reply's echo by as much)."""
+        self._render = np.zeros(0, dtype=np.float32)
+
     def capture(self, mic: Float32Array) -> Float32Array:
         """16 kHz mono microphone audio with the reply's echo removed (≤ 10 ms held back)."""
         self._mic = np.concatenate([self._mic, mic]) if self._mic.size else mic

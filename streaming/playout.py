@@ -109,6 +109,8 @@ class Playout:
             self._queue.remove(seg)
             self._queued -= len(seg.pcm)
         self._deferred = [(t, e) for t, e in self._deferred if t != turn_id]
+        if self.echo is not None and turn_id == self._last_turn:
+            self.echo.forget_unplayed()
         self._room.set()
         self.resume()
         if not self._queued:

@@ -91,7 +91,7 @@ async def test_spoken_turn_produces_the_whole_event_sequence(harness: Harness) -
     finals = [t for t in harness.of(Transcript) if t.final]
     assert [t.text for t in finals] == ["what is the answer"]
     assert names.index("SpeechStopped") < names.index("ReplyStarted")
-    assert names[-2:] == ["ReplyDone", "Metrics"]
+    assert names[-2:] == ["Metrics", "ReplyDone"]  # reply.done is the turn's last event
     done = harness.of(ReplyDone)[0]
     assert done.text == "Sure, the answer is forty two. Anything else?"
     audio = b"".join(a.pcm for a in harness.of(ReplyAudio))
