@@ -19,7 +19,6 @@ from typing import Any
 
 from streaming.audio import InputConverter
 from streaming.channels import ChannelClosed
-from streaming.echo import EchoCanceller
 from streaming.errors import ProtocolError, VoxlensError
 from streaming.events import Error, Event
 from streaming.images import decode_base64_image
@@ -134,7 +133,7 @@ class DeviceAdapter:
         self._converter = InputConverter(ready.input.sample_rate, ready.input.channels)
         rate = ready.output.sample_rate
         # the server cancels echo until the device says it has its own AEC (session.start)
-        self.playout = Playout(rate, client_buffer_ms=client_buffer_ms, echo=EchoCanceller(rate),
+        self.playout = Playout(rate, client_buffer_ms=client_buffer_ms, client_aec=False,
                                clock=clock)
         session.attach_playout(self.playout)
         self._inbox = Inbox(INBOX)
@@ -279,7 +278,7 @@ class DeviceAdapter:
         self._out_seq = 0 if m.output_audio.sequence else None
         server_aec = not m.audio.echo_cancellation
         if not resumed or server_aec != (self.playout.echo is not None):  # resuming keeps the
-            self.playout.reconfigure(rate, EchoCanceller(rate) if server_aec else None)  # queue
+            self.playout.reconfigure(rate, client_aec=not server_aec)  # queue
         ready_json = event_to_json(self.session.ready_event())
         ready_json["resumed"] = resumed
         ready_json["input"]["sequence"] = m.audio.sequence

@@ -32,10 +32,11 @@ class _Segment:
 
 class Playout:
     def __init__(self, rate: int, *, max_buffer_ms: int = 2000, client_buffer_ms: int = 100,
-                 echo: EchoCanceller | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 client_aec: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
+        """``client_aec``: the client cancels its own echo; if not, this playout's echo
+        canceller removes the sent audio from the client's microphone (``mic``)."""
         self.rate = rate
-        self.echo = echo
+        self.echo = None if client_aec else EchoCanceller(rate)
         self.client_buffer_ms = client_buffer_ms  # played-out delay at the client (jitter buffer)
         self._max_ms = max_buffer_ms
         self._max_bytes = rate * 2 * max_buffer_ms // 1000
@@ -53,9 +54,10 @@ class Playout:
         self._room.set()
         self._ready = asyncio.Event()  # audio queued and not paused
 
-    def reconfigure(self, rate: int, echo: EchoCanceller | None) -> None:
+    def reconfigure(self, rate: int, *, client_aec: bool) -> None:
         """New output rate and echo handling (``session.start``); drops queued audio."""
-        self.rate, self.echo = rate, echo
+        self.rate = rate
+        self.echo = None if client_aec else EchoCanceller(rate)
         self._max_bytes = rate * 2 * self._max_ms // 1000
         self._queue.clear()
         self._queued = 0

@@ -25,7 +25,6 @@ import numpy.typing as npt
 from aiortc import RTCDataChannel, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from streaming.echo import EchoCanceller
 from streaming.errors import ProtocolError, VoxlensError
 from streaming.events import Error, Event
 from streaming.images import KEEP_SIDE
@@ -138,8 +137,7 @@ class WebRtcAdapter:
                  client_aec: bool = True, client_buffer_ms: int = JITTER_BUFFER_MS) -> None:
         self.pc = pc
         self.session = session
-        self.playout = Playout(OUT_RATE, client_buffer_ms=client_buffer_ms,
-                               echo=None if client_aec else EchoCanceller(OUT_RATE))
+        self.playout = Playout(OUT_RATE, client_buffer_ms=client_buffer_ms, client_aec=client_aec)
         session.attach_playout(self.playout)
         self.reply = ReplyTrack(self.playout, self._send)
         self.latest_frame: av.VideoFrame | None = None

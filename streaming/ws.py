@@ -9,7 +9,6 @@ from aiohttp import WSMsgType, web
 
 from streaming.audio import InputConverter
 from streaming.channels import ChannelClosed
-from streaming.echo import EchoCanceller
 from streaming.errors import ProtocolError, VoxlensError
 from streaming.events import Error, Event
 from streaming.images import decode_base64_image
@@ -40,7 +39,7 @@ class WebSocketAdapter:
         self._converter = InputConverter(ready.input.sample_rate, ready.input.channels)
         rate = ready.output.sample_rate
         # the server cancels echo until the client says it has its own AEC (session.start)
-        self.playout = Playout(rate, client_buffer_ms=client_buffer_ms, echo=EchoCanceller(rate))
+        self.playout = Playout(rate, client_buffer_ms=client_buffer_ms, client_aec=False)
         session.attach_playout(self.playout)
         self._bad = 0
         self._send_lock = asyncio.Lock()  # the pumps and replies to bad input share the socket
@@ -131,8 +130,7 @@ class WebSocketAdapter:
                     instructions=m.instructions)
                 self._converter = converter
                 rate = m.output_audio.sample_rate
-                self.playout.reconfigure(
-                    rate, None if m.audio.echo_cancellation else EchoCanceller(rate))
+                self.playout.reconfigure(rate, client_aec=m.audio.echo_cancellation)
                 await self._send(self.session.ready_event())
             case ImageFrame(data=data):
                 # decoding a large JPEG takes milliseconds: off the event loop
