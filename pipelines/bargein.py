@@ -19,6 +19,7 @@ How a reply is interrupted (docs/ARCHITECTURE.md, "Barge-in"):
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -75,12 +76,20 @@ def is_backchannel(text: str, language: str | None, config: BargeInConfig) -> bo
 
 
 def is_echo(text: str, reply_text: str, config: BargeInConfig) -> bool:
-    """Whether an utterance is mostly the assistant's own words (its voice leaking back)."""
+    """Whether an utterance is mostly the assistant's own words (its voice leaking back).
+
+    Echo repeats the reply in its order, so word pairs are compared, not single words: a
+    question sharing common words with the reply ("what do you see?" after "do you want…")
+    is the person. A one-word utterance is echo when the reply has that word."""
     heard = words(text)
-    said = set(words(reply_text))
+    said = words(reply_text)
     if not heard or not said:
         return False
-    return sum(w in said for w in heard) / len(heard) >= config.echo_overlap
+    if len(heard) == 1:
+        return heard[0] in said
+    pairs = set(itertools.pairwise(said))
+    heard_pairs = list(itertools.pairwise(heard))
+    return sum(p in pairs for p in heard_pairs) / len(heard_pairs) >= config.echo_overlap
 
 
 def content_words(text: str, language: str | None, reply_text: str,

@@ -261,7 +261,8 @@ class Session:
     def _real(self, barge: _BargeIn, text: str, language: str | None) -> bool:
         """Whether words over a reply are an interruption (not a backchannel, not echo)."""
         cfg = self.config.bargein
-        return content_words(text, language, barge.turn.text, cfg) >= cfg.min_words
+        spoken = " ".join(c.text for c in barge.turn.spoken)  # echo can only be of audio made
+        return content_words(text, language, spoken, cfg) >= cfg.min_words
 
     async def _interrupt_after(self, barge: _BargeIn) -> None:
         await asyncio.sleep(self.config.bargein.interrupt_after_ms / 1000)

@@ -162,6 +162,8 @@ def test_backchannels_echo_and_endpoint_rules() -> None:
         assert not is_backchannel(text, lang, cfg), text
     assert is_echo("the capital of France", REPLY, cfg)
     assert not is_echo("tell me about Spain instead", REPLY, cfg)
+    # the person's question shares common words with the reply, but not its word order
+    assert not is_echo("What do you see?", "I see a cat. Do you want to know more?", cfg)
     times = {"question_ms": 350, "normal_ms": 500, "incomplete_ms": 1100}
     assert endpoint_silence_ms("What is the capital of France?", **times) == 350
     assert endpoint_silence_ms("Paris is nice.", **times) == 500
