@@ -142,7 +142,20 @@ class EventLog:
                 await self._changed.wait_for(lambda: predicate() or self.closed.is_set())
             if not predicate():
                 raise ConnectionError("connection closed before the awaited event")
-        await asyncio.wait_for(wait(), timeout_s)
+        try:
+            await asyncio.wait_for(wait(), timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"nothing awaited came in {timeout_s} s; the last events: "
+                               f"{self.summary()}") from None
+
+    def summary(self, last: int = 30) -> str:
+        """The latest events in short, for the message of a failed wait."""
+        def short(ev: dict[str, Any]) -> str:
+            detail = {k: v for k, v in ev.items() if k != "type" and k != "data"}
+            return f"{ev.get('type')} {detail}" if detail else str(ev.get("type"))
+        evs = [e for e in self.events if e.get("type") != "reply.text"][-last:]
+        turns = [f"turn {t}: {r.transcript!r} -> {r.text!r}" for t, r in sorted(self.turns.items())]
+        return "; ".join(short(e) for e in evs) + " | " + "; ".join(turns)
 
     async def wait_reply(self, timeout_s: float = 120) -> TurnRecord:
         """The oldest finished reply (reply.done) not returned before, waiting for one."""

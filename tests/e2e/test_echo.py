@@ -1,0 +1,97 @@
+"""The server's echo canceller (streaming/echo.py) on real speech: piper's voice through the
+simulated room of client/acoustics.py, silero VAD to tell what is still speech. A virtual
+clock stands for the wall time the canceller aligns the reply and the microphone with."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from client.acoustics import EchoRoom
+from pipelines.engines.vad_silero import SileroVad
+from pipelines.models import silero_vad_path
+from streaming.audio import Float32Array, float_to_pcm16, resample
+from streaming.echo import EchoCanceller
+from tests.conftest import speak
+
+FRAME = 320  # 20 ms at 16 kHz, as the transports deliver it
+REPLY = "The capital of France is Paris. It is known for the Eiffel Tower and its museums."
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture(scope="module")
+def vad() -> SileroVad:
+    return SileroVad(silero_vad_path())
+
+
+def say(voice, text: str) -> Float32Array:  # type: ignore[no-untyped-def]
+    audio, rate = speak(voice, text)
+    return resample(audio, rate, 16_000)
+
+
+def voiced_ms(vad: SileroVad, x: Float32Array) -> int:
+    stream = vad.new_stream()
+    return 32 * sum(stream(x[i:i + 512]) >= 0.5 for i in range(0, x.size - 511, 512))
+
+
+def level_db(x: Float32Array) -> float:
+    return float(10 * np.log10(np.mean(x.astype(np.float64) ** 2) + 1e-12))
+
+
+def cancel(aec: EchoCanceller, clock: Clock, mic: Float32Array) -> Float32Array:
+    out = []
+    for i in range(0, mic.size, FRAME):
+        out.append(aec.capture(mic[i:i + FRAME]))
+        clock.t += FRAME / 16_000
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("pause_s", [0.3, 5.0])
+def test_words_after_the_reply_survive_when_the_microphone_sent_nothing_meanwhile(  # type: ignore[no-untyped-def]
+        voice, vad: SileroVad, pause_s: float) -> None:
+    """A client that sends audio only while the person talks (push-to-talk, or the first words
+    after a typed turn): the reply it played meanwhile is not paired with the person's words."""
+    clock = Clock()
+    aec = EchoCanceller(16_000, clock=clock)
+    reply = float_to_pcm16(say(voice, REPLY))
+    for i in range(0, len(reply), 2 * 640):  # sent in real time, 40 ms per message
+        aec.played(reply[i:i + 2 * 640])
+        clock.t += 0.04
+    clock.t += pause_s
+    question = say(voice, "What do you see?")
+    out = cancel(aec, clock, question)
+    assert level_db(out) > level_db(question) - 3
+    assert voiced_ms(vad, out) >= 0.8 * voiced_ms(vad, question)
+
+
+def test_echo_is_removed_while_the_microphone_streams(voice, vad: SileroVad) -> None:  # type: ignore[no-untyped-def]
+    """The usual case: the microphone streams all along, the reply is sent 200 ms ahead of
+    playing and comes back through the room 80 ms later at -6 dB."""
+    clock = Clock()
+    aec = EchoCanceller(16_000, clock=clock)
+    reply = say(voice, REPLY)
+    pcm = float_to_pcm16(reply)
+    room = EchoRoom(16_000, delay_ms=80, gain_db=-6, noise_db=-50)
+    room.hear(pcm)
+    lead = 2 * 16 * 200
+    aec.played(pcm[:lead])
+    mic, out = [], []
+    for k in range(reply.size // FRAME):
+        nxt = pcm[lead + 2 * FRAME * k:lead + 2 * FRAME * (k + 1)]
+        if nxt:
+            aec.played(nxt)
+        frame = room.tick()
+        mic.append(frame)
+        out.append(aec.capture(frame))
+        clock.t += FRAME / 16_000
+    half = len(mic) // 2  # after the canceller has converged
+    raw, cancelled = np.concatenate(mic[half:]), np.concatenate(out[half:])
+    assert level_db(raw) - level_db(cancelled) > 10  # echo return loss enhancement, dB
+    assert voiced_ms(vad, cancelled) < 0.2 * voiced_ms(vad, raw)
