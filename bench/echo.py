@@ -9,6 +9,9 @@ as the reference, through streaming.echo.EchoCanceller exactly as a session woul
 echo return loss enhancement (ERLE, over the second half, after convergence), what
 silero VAD still hears as voice in the cancelled echo, how much of a person's speech
 over the echo survives (voiced ms with and without the echo), and the real-time factor.
+Then a client that sends microphone audio only while the person talks: the reply plays
+with no microphone audio coming, and the person's question follows after a pause (on a
+virtual clock); prints what of the question survives the canceller.
 """
 
 from __future__ import annotations
@@ -92,6 +95,36 @@ def main() -> None:
             print(f"{delay:8d} {gain:7d} {erle:7.1f} {raw_v:17d} → {out_v:<16d} "
                   f"{clean:15d} / {voiced_ms(vad, mic2[seg]):5d} / {voiced_ms(vad, out2[seg]):<14d}"
                   f" {rtf:6.3f}")
+    restarts(vad, reply)
+
+
+def after_silent_stretch(reply: Float32Array, question: Float32Array, pause_s: float
+                         ) -> Float32Array:
+    """The reply is sent in real time while no microphone audio comes; after ``pause_s``
+    the question streams in 20 ms frames."""
+    t = [0.0]
+    aec = EchoCanceller(16_000, clock=lambda: t[0])
+    pcm = float_to_pcm16(reply)
+    for i in range(0, len(pcm), 1280):
+        aec.played(pcm[i:i + 1280])
+        t[0] += 0.04
+    t[0] += pause_s
+    out = []
+    for i in range(0, question.size, 320):
+        out.append(aec.capture(question[i:i + 320]))
+        t[0] += 0.02
+    return np.concatenate(out)
+
+
+def restarts(vad: SileroVad, reply: Float32Array) -> None:
+    question = piper("What do you see?")
+    print(f"\nmicrophone silent during the reply, then {question.size / 16000:.1f} s of question:")
+    print(f"{'pause s':>8} {'question level dB (cancelled - clean)':>38} "
+          f"{'voiced ms (clean / cancelled)':>30}")
+    clean = voiced_ms(vad, question)
+    for pause in (0.0, 0.3, 1.0, 5.0):
+        out = after_silent_stretch(reply, question, pause)
+        print(f"{pause:8.1f} {db(out) - db(question):38.1f} {clean:17d} / {voiced_ms(vad, out):<10d}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ How a reply is interrupted (docs/ARCHITECTURE.md, "Barge-in"):
 2. The sound is then judged by what it turns out to be:
    * it dies before it is speech (a click, a cough, a 150 ms burst) → resume;
    * its transcript is empty, a Whisper hallucination, only backchannels
-     ("yeah", "uh-huh", "嗯", …) or words of the reply itself (echo) → resume,
-     and the utterance is not a user turn;
+     ("yeah", "uh-huh", "嗯", …) or mostly words the reply played just before
+     and while it was heard (echo) → resume, and the utterance is not a user turn;
    * a partial or final transcript with at least ``min_words`` other words, or
      ``interrupt_after_ms`` of continuous speech → a real interruption: the
      reply is cut (queued audio dropped, LLM and TTS cancelled), the history
@@ -40,6 +40,11 @@ BACKCHANNELS: dict[str, frozenset[str]] = {
 }
 
 CUT_MARK = "…"  # ends a reply that was cut off, in history
+
+# Echo in an utterance is of reply audio played at most this long before its voice was
+# noticed: the voice_ms that takes, the VAD's pre-roll, the room's echo path, and the error
+# of the played-position estimate. Words the reply said earlier are the person's if heard.
+ECHO_LOOKBACK_MS = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +129,22 @@ def heard_text(spoken: Sequence[Timed], played_ms: float) -> str:
             out.append(cut.rstrip())
         break
     return " ".join(p.strip() for p in out if p.strip())
+
+
+def said_between(spoken: Sequence[Timed], start_ms: float, end_ms: float) -> str:
+    """The reply's words whose audio lies, even partly, between ``start_ms`` and ``end_ms``
+    of it (within a chunk, timing in proportion to characters): what an echo heard over
+    that stretch can contain."""
+    out: list[str] = []
+    t = 0.0
+    for chunk in spoken:
+        n = len(chunk.text) or 1
+        for m in re.finditer(r"\S+", chunk.text):
+            if (t + chunk.duration_ms * m.end() / n >= start_ms
+                    and t + chunk.duration_ms * m.start() / n <= end_ms):
+                out.append(m.group())
+        t += chunk.duration_ms
+    return " ".join(out)
 
 
 def endpoint_silence_ms(text: str, *, question_ms: int, normal_ms: int, incomplete_ms: int) -> int:

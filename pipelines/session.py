@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipelines.bargein import BargeInConfig, content_words, heard_text
+from pipelines.bargein import (
+    ECHO_LOOKBACK_MS,
+    BargeInConfig,
+    content_words,
+    heard_text,
+    said_between,
+)
 from pipelines.compute import Dropped
 from pipelines.engines.base import Asr, ChatMessage, Llm, Tts, Vad, Vlm
 from pipelines.history import History
@@ -88,6 +95,7 @@ class _BargeIn:
     """A reply paused because the person may be speaking over it (pipelines/bargein.py)."""
 
     turn: Turn  # the paused reply
+    echo_from_ms: float  # reply audio before this point cannot be echoed in the utterance
     utterance: int | None = None  # the listener's turn id once the sound is speech
     timer: asyncio.Task[None] | None = None  # interrupts after ``interrupt_after_ms`` of speech
     dismissed: bool = False  # the latest partial was a backchannel or echo
@@ -234,7 +242,7 @@ class Session:
         if self.config.bargein.enabled and self._barge is None:
             turn = self._audible()
             if turn is not None:
-                self._barge = _BargeIn(turn)
+                self._barge = _BargeIn(turn, self._played_ms(turn) - ECHO_LOOKBACK_MS)
                 if self._playout is not None:
                     self._playout.pause()
 
@@ -261,8 +269,10 @@ class Session:
     def _real(self, barge: _BargeIn, text: str, language: str | None) -> bool:
         """Whether words over a reply are an interruption (not a backchannel, not echo)."""
         cfg = self.config.bargein
-        spoken = " ".join(c.text for c in barge.turn.spoken)  # echo can only be of audio made
-        return content_words(text, language, spoken, cfg) >= cfg.min_words
+        turn = barge.turn  # echo can only be of the audio sent since shortly before the voice
+        sent = self._playout.sent_ms(turn.turn_id) if self._playout is not None else math.inf
+        echoed = said_between(turn.spoken, barge.echo_from_ms, sent)
+        return content_words(text, language, echoed, cfg) >= cfg.min_words
 
     async def _interrupt_after(self, barge: _BargeIn) -> None:
         await asyncio.sleep(self.config.bargein.interrupt_after_ms / 1000)

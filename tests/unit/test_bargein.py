@@ -18,6 +18,7 @@ from pipelines.bargein import (
     heard_text,
     is_backchannel,
     is_echo,
+    said_between,
 )
 from pipelines.engines.fakes import FakeAsr, FakeLlm, FakeTts, FakeVad
 from pipelines.session import Engines, Session, SessionConfig
@@ -42,7 +43,7 @@ CHUNK = 320  # 20 ms
 REPLY = ("Paris is the capital of France. It has many museums and a famous iron tower. "
          "People love its food and its cafes.")
 SCRIPT = {200: "What is the capital of France?", 300: "Wait, tell me about Spain instead.",
-          400: "Yeah.", 500: "the capital of France", 600: "I want to go to the"}
+          400: "Yeah.", 500: "Paris is the capital", 600: "I want to go to the"}
 
 
 def tone(hz: int, ms: int) -> Float32Array:
@@ -152,6 +153,15 @@ def test_heard_text_follows_the_chunk_timing() -> None:
     assert heard_text(spoken, 5000) == "Paris is the capital of France."
 
 
+def test_said_between_gives_the_words_playing_in_a_stretch() -> None:
+    spoken = [SpokenChunk("Paris is the capital", 1000), SpokenChunk("of France.", 500)]
+    assert said_between(spoken, 0, 300) == "Paris is"  # "is" starts at 300 ms
+    assert said_between(spoken, 400, 700) == "is the capital"
+    assert said_between(spoken, 1100, 5000) == "of France."
+    assert said_between(spoken, -2000, 0) == "Paris"
+    assert said_between(spoken, 2000, 3000) == ""
+
+
 def test_backchannels_echo_and_endpoint_rules() -> None:
     cfg = BargeInConfig()
     for text, lang in [("Yeah.", "en"), ("Uh-huh.", "en"), ("Oh, okay.", "en"), ("嗯嗯", "zh"),
@@ -215,6 +225,17 @@ async def test_backchannel_noise_and_echo_do_not_interrupt(sound: str) -> None:
         assert room.played_ms(1) == pytest.approx(emitted, abs=1)  # ... and then played all of it
         (exchange,) = room.session.history.exchanges
         assert exchange.assistant == REPLY
+
+
+async def test_words_the_reply_said_long_before_are_the_persons_not_echo() -> None:
+    """Echo is of what played just before and while the person spoke: repeating words of
+    the reply's first sentence seconds later ("Paris is the capital?") interrupts."""
+    async with open_room() as room:
+        await ask_and_wait_for_audio(room, 4500)  # the first sentence ended at 1.9 s
+        await room.speak(tone(500, 1000), silence(900))
+        await room.until(lambda: bool(room.of(ReplyInterrupted)))
+        await room.until(lambda: len(room.of(ReplyStarted)) == 2)
+        assert [t.text for t in room.of(Transcript) if t.final] == [SCRIPT[200], SCRIPT[500]]
 
 
 async def test_manual_interrupt_and_typed_turn_over_a_reply() -> None:
