@@ -52,7 +52,13 @@ def voice():  # type: ignore[no-untyped-def]
 
 
 def speak(voice, text: str) -> tuple[Float32Array, int]:  # type: ignore[no-untyped-def]
-    chunks = list(voice.synthesize(text))
+    """The words in piper's voice without its random variation: the same text gives the same
+    audio, so a test hears the same thing on every run (with the voice's noise, Whisper base
+    once in many runs heard "the capital of France" as "the capital of friends")."""
+    from piper.config import SynthesisConfig
+
+    steady = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
+    chunks = list(voice.synthesize(text, syn_config=steady))
     audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
     return audio, chunks[0].sample_rate
 
