@@ -68,6 +68,7 @@ class EchoCanceller:
         reaches the room, so it must not stay in the reference either (it would misalign the
         next reply's echo by as much)."""
         self._render = np.zeros(0, dtype=np.float32)
+        self._render_end = min(self._render_end, self._clock())
 
     def capture(self, mic: Float32Array) -> Float32Array:
         """16 kHz mono microphone audio with the reply's echo removed (≤ 10 ms held back)."""

@@ -71,6 +71,24 @@ def test_words_after_the_reply_survive_when_the_microphone_sent_nothing_meanwhil
     assert voiced_ms(vad, out) >= 0.8 * voiced_ms(vad, question)
 
 
+def test_a_cut_reply_does_not_shift_the_next_ones_timing(voice, vad: SileroVad) -> None:  # type: ignore[no-untyped-def]
+    """A cut drops the reply audio the client had not played; the next reply's audio plays
+    from then on, so a question right after it is still not paired with it."""
+    clock = Clock()
+    aec = EchoCanceller(16_000, clock=clock)
+    reply = float_to_pcm16(say(voice, REPLY))
+    aec.played(reply[:2 * 16_000 * 2])  # 2 s sent ahead of playing ...
+    clock.t += 0.2
+    aec.forget_unplayed()  # ... and cut 200 ms later
+    for i in range(0, len(reply), 2 * 640):  # the next reply, in real time
+        aec.played(reply[i:i + 2 * 640])
+        clock.t += 0.04
+    clock.t += 0.3
+    question = say(voice, "What do you see?")
+    out = cancel(aec, clock, question)
+    assert voiced_ms(vad, out) >= 0.8 * voiced_ms(vad, question)
+
+
 def test_echo_is_removed_while_the_microphone_streams(voice, vad: SileroVad) -> None:  # type: ignore[no-untyped-def]
     """The usual case: the microphone streams all along, the reply is sent 200 ms ahead of
     playing and comes back through the room 80 ms later at -6 dB."""
