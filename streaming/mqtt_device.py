@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from streaming.audio import InputConverter
 from streaming.channels import ChannelClosed
 from streaming.errors import ProtocolError, VoxlensError
 from streaming.events import Error, Event
@@ -34,10 +33,14 @@ from streaming.mqtt import (
     pack_frame,
     unpack_frame,
 )
-from streaming.playout import Playout
-from streaming.ports import SessionPort, apply_client_message, route_event
+from streaming.ports import (
+    ClientAudio,
+    SessionPort,
+    apply_client_message,
+    check_audio_message,
+    route_event,
+)
 from streaming.protocol import (
-    MAX_AUDIO_MESSAGE_BYTES,
     ImageFrame,
     SessionEnd,
     SessionStart,
@@ -129,13 +132,8 @@ class DeviceAdapter:
         self.lead_ms = lead_ms
         self._send = send
         self._clock = clock
-        ready = session.ready_event()
-        self._converter = InputConverter(ready.input.sample_rate, ready.input.channels)
-        rate = ready.output.sample_rate
-        # the server cancels echo until the device says it has its own AEC (session.start)
-        self.playout = Playout(rate, client_buffer_ms=client_buffer_ms, client_aec=False,
-                               clock=clock)
-        session.attach_playout(self.playout)
+        self.audio = ClientAudio(session, client_buffer_ms=client_buffer_ms, clock=clock)
+        self.playout = self.audio.playout
         self._inbox = Inbox(INBOX)
         self._reported = dict.fromkeys(INBOX, 0)  # inbox drops already reported
         self._errors = ErrorBudget(clock=clock)
@@ -214,29 +212,22 @@ class DeviceAdapter:
                 self._reported[kind] = n
 
     async def _on_audio(self, payload: bytes) -> None:
-        if len(payload) > MAX_AUDIO_MESSAGE_BYTES:
-            raise ProtocolError(f"audio message of {len(payload)} bytes exceeds the "
-                                f"{MAX_AUDIO_MESSAGE_BYTES}-byte limit", code="too_large")
+        check_audio_message(payload)
         if self._in_order is None:
-            await self._push(payload)
+            await self.audio.push(payload)
             return
         seq, pcm = unpack_frame(payload)
-        if len(pcm) % self._converter.frame_bytes:  # refused now, not when it is due
+        if len(pcm) % self.audio.converter.frame_bytes:  # refused now, not when it is due
             raise ProtocolError(f"audio of {len(pcm)} bytes after the header is not a whole "
-                                f"number of {self._converter.frame_bytes}-byte frames",
+                                f"number of {self.audio.converter.frame_bytes}-byte frames",
                                 code="bad_audio")
         await self._push_frames(self._in_order.push(seq, pcm))
 
     async def _push_frames(self, frames: list[tuple[int, bytes]]) -> None:
         for missing, pcm in frames:
             if missing:  # lost frames become silence of the same length: the clock stays right
-                await self._push(bytes(len(pcm) * min(missing, REORDER_WINDOW)))
-            await self._push(pcm)
-
-    async def _push(self, pcm: bytes) -> None:
-        audio = self.playout.mic(self._converter.convert(pcm))
-        if audio.size:
-            await self.session.push_audio(audio)
+                await self.audio.push(bytes(len(pcm) * min(missing, REORDER_WINDOW)))
+            await self.audio.push(pcm)
 
     async def _on_control(self, payload: bytes) -> bool:
         """Handle one client message; False when the device ended the session."""
@@ -257,28 +248,9 @@ class DeviceAdapter:
     def _start(self, m: SessionStart) -> None:
         """Configure the session, or resume it: a device that reconnects repeats its
         ``session.start``, and the same audio format continues the conversation."""
-        converter = InputConverter(m.audio.sample_rate, m.audio.channels)
-        rate = m.output_audio.sample_rate
-        resumed = False
-        try:
-            self.session.configure(
-                input_rate=m.audio.sample_rate, input_channels=m.audio.channels,
-                output_rate=rate, language=m.language, instructions=m.instructions)
-        except ProtocolError as e:
-            ready = self.session.ready_event()
-            same = (ready.input.sample_rate, ready.input.channels, ready.output.sample_rate) == (
-                m.audio.sample_rate, m.audio.channels, rate)
-            if e.code != "bad_state" or not same:
-                raise ProtocolError("this device's session is running with another audio format; "
-                                    "send session.end first to start a new one",
-                                    code="bad_state") from e
-            resumed = True
-        self._converter = converter
+        resumed = self.audio.start(m, resumable=True)
         self._in_order = Reorderer(REORDER_WINDOW) if m.audio.sequence else None
         self._out_seq = 0 if m.output_audio.sequence else None
-        server_aec = not m.audio.echo_cancellation
-        if not resumed or server_aec != (self.playout.echo is not None):  # resuming keeps the
-            self.playout.reconfigure(rate, client_aec=not server_aec)  # queue
         ready_json = event_to_json(self.session.ready_event())
         ready_json["resumed"] = resumed
         ready_json["input"]["sequence"] = m.audio.sequence

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Protocol
 
-from streaming.audio import Float32Array
+from streaming.audio import Float32Array, InputConverter
 from streaming.channels import Channel
+from streaming.errors import ProtocolError
 from streaming.events import Event, Metrics, ReplyAudio, ReplyDone, SessionReady
 from streaming.images import Image
 from streaming.playout import Playout
-from streaming.protocol import ClientMessage, Interrupt, Playback, TextTurn
+from streaming.protocol import (
+    MAX_AUDIO_MESSAGE_BYTES,
+    ClientMessage,
+    Interrupt,
+    Playback,
+    SessionStart,
+    TextTurn,
+)
 
 
 class SessionPort(Protocol):
@@ -69,3 +79,62 @@ def route_event(event: Event, playout: Playout) -> Event | None:
         case ReplyDone(turn_id=turn_id) | Metrics(turn_id=turn_id) if playout.defer(turn_id, event):
             return None
     return event
+
+
+class ClientAudio:
+    """The audio of a transport that carries raw PCM messages (WebSocket, MQTT): the client's
+    microphone in its declared format, with the reply's echo removed when the server cancels
+    it, into the session; the reply audio out through a Playout the transport drains."""
+
+    def __init__(self, session: SessionPort, *, client_buffer_ms: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._session = session
+        ready = session.ready_event()
+        self.converter = InputConverter(ready.input.sample_rate, ready.input.channels)
+        # the server cancels echo until the client says it has its own AEC (session.start)
+        self.playout = Playout(ready.output.sample_rate, client_buffer_ms=client_buffer_ms,
+                               client_aec=False, clock=clock)
+        session.attach_playout(self.playout)
+
+    def start(self, m: SessionStart, *, resumable: bool) -> bool:
+        """Apply ``session.start``: its formats to the session, this converter and the playout.
+
+        A started session refuses it, unless ``resumable`` and its formats are the same: a
+        client that reconnects repeats its ``session.start`` and the conversation goes on
+        (the playout keeps its queue). Returns whether the session was resumed."""
+        converter = InputConverter(m.audio.sample_rate, m.audio.channels)  # refuses bad formats
+        rate = m.output_audio.sample_rate
+        resumed = False
+        try:
+            self._session.configure(
+                input_rate=m.audio.sample_rate, input_channels=m.audio.channels,
+                output_rate=rate, language=m.language, instructions=m.instructions)
+        except ProtocolError as e:
+            if not resumable:
+                raise
+            ready = self._session.ready_event()
+            same = (ready.input.sample_rate, ready.input.channels, ready.output.sample_rate) == (
+                m.audio.sample_rate, m.audio.channels, rate)
+            if e.code != "bad_state" or not same:
+                raise ProtocolError("this session is running with another audio format; "
+                                    "send session.end first to start a new one",
+                                    code="bad_state") from e
+            resumed = True
+        self.converter = converter
+        client_aec = m.audio.echo_cancellation
+        if not resumed or client_aec != (self.playout.echo is None):
+            self.playout.reconfigure(rate, client_aec=client_aec)
+        return resumed
+
+    async def push(self, pcm: bytes) -> None:
+        """Microphone PCM in the declared format; waits while the session is behind."""
+        audio = self.playout.mic(self.converter.convert(pcm))
+        if audio.size:
+            await self._session.push_audio(audio)
+
+
+def check_audio_message(payload: bytes) -> None:
+    """Refuse an audio message over the size limit (before any of it is decoded)."""
+    if len(payload) > MAX_AUDIO_MESSAGE_BYTES:
+        raise ProtocolError(f"audio message of {len(payload)} bytes exceeds the "
+                            f"{MAX_AUDIO_MESSAGE_BYTES}-byte limit", code="too_large")

@@ -7,15 +7,18 @@ import logging
 
 from aiohttp import WSMsgType, web
 
-from streaming.audio import InputConverter
 from streaming.channels import ChannelClosed
 from streaming.errors import ProtocolError, VoxlensError
 from streaming.events import Error, Event
 from streaming.images import decode_base64_image
-from streaming.playout import Playout
-from streaming.ports import SessionPort, apply_client_message, route_event
+from streaming.ports import (
+    ClientAudio,
+    SessionPort,
+    apply_client_message,
+    check_audio_message,
+    route_event,
+)
 from streaming.protocol import (
-    MAX_AUDIO_MESSAGE_BYTES,
     ImageFrame,
     SessionEnd,
     SessionStart,
@@ -35,12 +38,8 @@ class WebSocketAdapter:
         self.ws = ws
         self.session = session
         self.lead_ms = lead_ms
-        ready = session.ready_event()
-        self._converter = InputConverter(ready.input.sample_rate, ready.input.channels)
-        rate = ready.output.sample_rate
-        # the server cancels echo until the client says it has its own AEC (session.start)
-        self.playout = Playout(rate, client_buffer_ms=client_buffer_ms, client_aec=False)
-        session.attach_playout(self.playout)
+        self.audio = ClientAudio(session, client_buffer_ms=client_buffer_ms)
+        self.playout = self.audio.playout
         self._bad = 0
         self._send_lock = asyncio.Lock()  # the pumps and replies to bad input share the socket
 
@@ -109,12 +108,8 @@ class WebSocketAdapter:
         await self._send(Error(e.code, e.message, not e.recoverable))
 
     async def _on_audio(self, data: bytes) -> None:
-        if len(data) > MAX_AUDIO_MESSAGE_BYTES:
-            raise ProtocolError(f"audio message of {len(data)} bytes exceeds the "
-                                f"{MAX_AUDIO_MESSAGE_BYTES}-byte limit", code="too_large")
-        audio = self.playout.mic(self._converter.convert(data))
-        if audio.size:
-            await self.session.push_audio(audio)
+        check_audio_message(data)
+        await self.audio.push(data)
 
     async def _on_text(self, raw: str) -> bool:
         """Handle one client message; False when the client ended the session."""
@@ -123,14 +118,7 @@ class WebSocketAdapter:
                 if m.audio.sequence or m.output_audio.sequence:
                     raise ProtocolError("sequence-numbered audio is for MQTT; a WebSocket "
                                         "delivers messages in order", code="unsupported")
-                converter = InputConverter(m.audio.sample_rate, m.audio.channels)
-                self.session.configure(
-                    input_rate=m.audio.sample_rate, input_channels=m.audio.channels,
-                    output_rate=m.output_audio.sample_rate, language=m.language,
-                    instructions=m.instructions)
-                self._converter = converter
-                rate = m.output_audio.sample_rate
-                self.playout.reconfigure(rate, client_aec=m.audio.echo_cancellation)
+                self.audio.start(m, resumable=False)
                 await self._send(self.session.ready_event())
             case ImageFrame(data=data):
                 # decoding a large JPEG takes milliseconds: off the event loop
