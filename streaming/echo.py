@@ -76,7 +76,9 @@ class EchoCanceller:
         if self._mic_at is None or now - self._mic_at > RESTART_S:
             self._drop_played(now)
             self._mic_at = now
-        self._mic_at += mic.size / MODEL_RATE
+        # a client sending faster than real time is not ahead of the wall clock by more than
+        # this message, else a real pause after it would go unnoticed
+        self._mic_at = min(self._mic_at, now) + mic.size / MODEL_RATE
         self._mic = np.concatenate([self._mic, mic]) if self._mic.size else mic
         n = self._mic.size // FRAME
         out = [self._frame(self._mic[k * FRAME:(k + 1) * FRAME]) for k in range(n)]

@@ -71,6 +71,23 @@ def test_words_after_the_reply_survive_when_the_microphone_sent_nothing_meanwhil
     assert voiced_ms(vad, out) >= 0.8 * voiced_ms(vad, question)
 
 
+def test_a_pause_after_audio_sent_faster_than_real_time_is_noticed(voice, vad: SileroVad) -> None:  # type: ignore[no-untyped-def]
+    """10 s of microphone audio sent at once (a file, a client catching up) does not put the
+    stream 10 s ahead of the wall clock: the pause after it is still a restart."""
+    clock = Clock()
+    aec = EchoCanceller(16_000, clock=clock)
+    for _ in range(500):
+        aec.capture(np.zeros(FRAME, dtype=np.float32))
+    reply = float_to_pcm16(say(voice, REPLY))
+    for i in range(0, len(reply), 2 * 640):
+        aec.played(reply[i:i + 2 * 640])
+        clock.t += 0.04
+    clock.t += 0.3
+    question = say(voice, "What do you see?")
+    out = cancel(aec, clock, question)
+    assert voiced_ms(vad, out) >= 0.8 * voiced_ms(vad, question)
+
+
 def test_a_cut_reply_does_not_shift_the_next_ones_timing(voice, vad: SileroVad) -> None:  # type: ignore[no-untyped-def]
     """A cut drops the reply audio the client had not played; the next reply's audio plays
     from then on, so a question right after it is still not paired with it."""
