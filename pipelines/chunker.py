@@ -5,11 +5,19 @@ boundary, or once it has ``first_words`` complete words, extended past any
 trailing function word ("is", "the", "of" ...) so the cut falls where a speaker
 could pause. Later chunks are whole sentences. A sentence end is only taken as one when the next
 character shows it is one: ``3.5``, ``e.g.`` or ``example.com`` are never cut.
+
+Chinese has no spaces: its first chunk is cut at the first clause mark (，、：；),
+or after ``first_chars`` (8) characters at the first one after which a speaker may
+pause (a particle or a verb such as 的 了 是 在); numbers and Latin runs inside
+it are never cut. Chinese sentences end at 。！？； at once, and a long
+sentence is cut at its last clause mark.
 """
 
 from __future__ import annotations
 
 import re
+
+from pipelines.text import HAN
 
 ABBREVIATIONS = frozenset(
     "mr mrs ms dr prof sr jr st vs etc e.g i.e a.m p.m u.s u.k no approx dept est fig inc ltd "
@@ -19,6 +27,9 @@ SENTENCE_END = ".!?…"
 CJK_SENTENCE_END = "。！？；"
 CLAUSE_END = ",;:—"
 CJK_CLAUSE_END = "，、："
+# a first Chinese chunk may end after these: particles, copulas, prepositions that end a phrase
+BREAK_AFTER_ZH = frozenset("的了是在着过吗呢吧啊呀有和说到")
+CJK_MAX_CHARS = 60  # a Chinese sentence longer than this is cut at its last clause mark
 _WORD = re.compile(r"\S+")
 # a first chunk does not end on these (it would sound cut off)
 FUNCTION_WORDS = frozenset(
@@ -29,8 +40,9 @@ FUNCTION_WORDS = frozenset(
 
 
 class Chunker:
-    def __init__(self, first_words: int = 4, max_chars: int = 250) -> None:
+    def __init__(self, first_words: int = 4, max_chars: int = 250, first_chars: int = 8) -> None:
         self.first_words = first_words
+        self.first_chars = first_chars
         self.max_chars = max_chars
         self._buf = ""
         self._emitted = 0
@@ -70,15 +82,35 @@ class Chunker:
             elif first and (ch in CJK_CLAUSE_END or (ch in CLAUSE_END and i + 1 < len(buf)
                                                       and buf[i + 1].isspace())):
                 return i + 1
+        han = HAN.search(buf) is not None
+        if first and han:
+            return self._first_han_cut(buf)
         if first:
             # words followed by more text are complete; the last one may still be growing
             words = list(_WORD.finditer(buf))[:-1]
             for k in range(self.first_words - 1, len(words)):
                 if words[k].group().lower() not in FUNCTION_WORDS:
                     return words[k].end()
+        if han and len(buf) > CJK_MAX_CHARS:
+            marks = [i for i, ch in enumerate(buf) if ch in CJK_CLAUSE_END + CLAUSE_END]
+            if marks:
+                return marks[-1] + 1
         if len(buf) > self.max_chars:
             space = buf.rfind(" ", 0, self.max_chars)
             return space if space > 0 else self.max_chars
+        return None
+
+
+    def _first_han_cut(self, buf: str) -> int | None:
+        """After ``first_chars`` Chinese characters, at the first break character that more
+        Chinese text follows (so a number or a Latin word is never split from its end)."""
+        count = 0
+        for i, ch in enumerate(buf[:-1]):
+            if not HAN.match(ch):
+                continue
+            count += 1
+            if count >= self.first_chars and ch in BREAK_AFTER_ZH and HAN.match(buf[i + 1]):
+                return i + 1
         return None
 
 

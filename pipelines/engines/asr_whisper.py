@@ -8,6 +8,10 @@ takes shorter inputs, so an utterance is encoded in the smallest window of
 on our test speech, while 10 s windows started to make mistakes (measured,
 bench/README.md). ``min_window_s = 30`` restores Whisper's stock behaviour.
 
+Mandarin comes out of Whisper in traditional or simplified characters, whichever
+it picks: the decoder is prompted with a sentence in ``zh_script`` (simplified by
+default) and what still slips through is converted with OpenCC.
+
 Decoding is greedy (or beam search) and timestamp-free. Utterances of several
 sessions that wait on the lane together, with the same window, are encoded
 and decoded as one batch.
@@ -32,6 +36,7 @@ from faster_whisper.transcribe import get_suppressed_tokens
 
 from pipelines.compute import Compute, Priority
 from pipelines.engines.base import AsrResult
+from pipelines.text import ZH_PROMPT, ZhScript, zh_script
 from streaming.audio import MODEL_RATE, Float32Array
 from streaming.errors import EngineError
 
@@ -50,17 +55,24 @@ class WhisperAsr:
         cpu_threads: int = 2,
         beam_size: int = 1,
         min_window_s: int = 10,
+        zh_script: ZhScript = "simplified",
         name: str | None = None,
     ) -> None:
         self.name = name or f"faster-whisper:{model}"
         self._compute = compute
         self._beam_size = beam_size
         self._min_window_s = max(1, min(min_window_s, MAX_WINDOW_S))
+        self.zh_script: ZhScript = zh_script
         # a local directory loads as is; any other name is resolved by faster-whisper (hub)
         self._model = WhisperModel(model, device=device, compute_type=compute_type,
                                    cpu_threads=cpu_threads, local_files_only=Path(model).is_dir())
         self.multilingual = bool(self._model.model.is_multilingual)
         self._tokenizers: dict[str | None, Tokenizer] = {}
+
+    @property
+    def whisper(self) -> WhisperModel:
+        """The loaded faster-whisper model (whole-file transcription uses it directly)."""
+        return self._model
 
     async def transcribe(
         self, audio: Float32Array, *, language: str | None, priority: Priority,
@@ -88,6 +100,13 @@ class WhisperAsr:
                                                    task="transcribe", language=language)
         return self._tokenizers[language]
 
+    def _previous(self, tokenizer: Tokenizer, language: str | None) -> list[int]:
+        """Text the decoder takes as what came before: for Mandarin, a sentence in the wanted
+        script (Whisper follows the script of its context)."""
+        if language != "zh":
+            return []
+        return list(tokenizer.encode(ZH_PROMPT[self.zh_script]))
+
     def _run(self, items: list[tuple[Float32Array, str | None]]) -> list[AsrResult]:
         try:
             return self._decode(items)
@@ -113,7 +132,8 @@ class WhisperAsr:
             ranked = model.model.detect_language(encoded)
             languages = [lang or r[0][0][2:-2] for lang, r in zip(languages, ranked, strict=True)]
         tokenizers = [self._tokenizer(lang) for lang in languages]
-        prompts = [model.get_prompt(t, [], without_timestamps=True) for t in tokenizers]
+        prompts = [model.get_prompt(t, self._previous(t, lang), without_timestamps=True)
+                   for t, lang in zip(tokenizers, languages, strict=True)]
         results = model.model.generate(
             encoded, prompts, beam_size=self._beam_size, return_scores=True,
             return_no_speech_prob=True, suppress_blank=True,
@@ -124,6 +144,8 @@ class WhisperAsr:
         for result, tokenizer, language in zip(results, tokenizers, languages, strict=True):
             tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
             text = tokenizer.decode(tokens).strip()
+            if language == "zh":  # Whisper writes Mandarin in either script, mostly traditional
+                text = zh_script(text, self.zh_script)
             avg = result.scores[0] * len(tokens) / (len(tokens) + 1) if tokens else -10.0
             out.append(AsrResult(text, language, float(result.no_speech_prob), float(avg)))
         return out

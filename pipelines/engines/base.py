@@ -69,9 +69,10 @@ class Tts(Protocol):
     name: str
     sample_rate: int
 
-    async def synthesize(self, text: str, *, priority: Priority,
-                         session: str | None = None) -> Float32Array:
-        """Mono float32 audio at ``sample_rate`` for one chunk of text. Cancelling drops it."""
+    async def synthesize(self, text: str, *, priority: Priority, session: str | None = None,
+                         language: str | None = None) -> Float32Array:
+        """Mono float32 audio at ``sample_rate`` for one chunk of text. ``language`` is the
+        reply's language (a set of voices picks one by it). Cancelling drops it."""
         ...
 
 

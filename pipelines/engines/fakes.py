@@ -90,10 +90,12 @@ class FakeTts:
         self.ms_per_char = ms_per_char
         self.latency_s = latency_s
         self.calls: list[tuple[str, Priority]] = []
+        self.languages: list[str | None] = []
 
-    async def synthesize(self, text: str, *, priority: Priority,
-                         session: str | None = None) -> Float32Array:
+    async def synthesize(self, text: str, *, priority: Priority, session: str | None = None,
+                         language: str | None = None) -> Float32Array:
         self.calls.append((text, priority))
+        self.languages.append(language)
         await asyncio.sleep(self.latency_s)
         n = int(self.sample_rate * self.ms_per_char * len(text) / 1000)
         t = np.arange(n, dtype=np.float32) / self.sample_rate

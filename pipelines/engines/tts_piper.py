@@ -33,8 +33,8 @@ class PiperTts:
     def warm_up(self) -> None:
         self._run("Hello.")
 
-    async def synthesize(self, text: str, *, priority: Priority,
-                         session: str | None = None) -> Float32Array:
+    async def synthesize(self, text: str, *, priority: Priority, session: str | None = None,
+                         language: str | None = None) -> Float32Array:
         return await self._compute.call("tts", priority, self._run, text, session=session)
 
     def _run(self, text: str) -> Float32Array:

