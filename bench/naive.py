@@ -16,7 +16,7 @@ import numpy as np
 from pipelines.compute import Priority
 from pipelines.engines.base import Asr, ChatMessage
 from pipelines.segmenter import End, Segmenter
-from pipelines.session import Engines, SessionConfig, fixed_system_prompt
+from pipelines.session import LANGUAGE_HINTS, Engines, SessionConfig, fixed_system_prompt
 from streaming.audio import Float32Array, float_to_pcm16, resample
 from streaming.channels import Channel
 from streaming.events import (
@@ -99,11 +99,15 @@ class NaiveSession:
             t_asr = time.monotonic()
             await self.events.put(Transcript(turn, heard.text, True, heard.language))
             system = fixed_system_prompt(self.config.system_prompt, vision=e.vlm is not None)
-            messages = [ChatMessage("system", system), ChatMessage("user", heard.text)]
+            said = heard.text  # the same reminder of the language as voxlens's prompt
+            if heard.language in LANGUAGE_HINTS:
+                said = f"{said}\n{LANGUAGE_HINTS[heard.language]}"
+            messages = [ChatMessage("system", system), ChatMessage("user", said)]
             text = "".join([d async for d in e.llm.stream(messages,
                                                           max_tokens=self.config.turn.max_tokens)])
             t_llm = time.monotonic()
-            audio_out = await e.tts.synthesize(text, priority=Priority.TTS_FIRST)
+            audio_out = await e.tts.synthesize(text, priority=Priority.TTS_FIRST,
+                                               language=heard.language)
             t_tts = time.monotonic()
             pcm = float_to_pcm16(resample(audio_out, e.tts.sample_rate, self.config.output_rate))
             await self.events.put(ReplyStarted(turn))

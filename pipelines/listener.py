@@ -35,6 +35,7 @@ from pipelines.bargein import endpoint_silence_ms
 from pipelines.compute import Dropped, Priority
 from pipelines.engines.base import Asr, AsrResult, Vad
 from pipelines.segmenter import End, Noise, Onset, Pause, Resume, Segmenter, SegmenterConfig, Voice
+from pipelines.text import words as text_words
 from streaming.audio import MODEL_RATE, Float32Array
 from streaming.channels import Channel
 from streaming.errors import VoxlensError
@@ -49,6 +50,9 @@ HALLUCINATIONS = frozenset({
     "subtitles by the amaraorg community", "ご視聴ありがとうございました", "字幕由amaraorg社区提供",
     "请不吝点赞订阅转发打赏支持明镜与点点栏目", "продолжение следует",
     "soustitres réalisés para la communauté damaraorg", "untertitel der amaraorg community",
+    # Mandarin (in simplified characters: transcripts are converted before they get here)
+    "谢谢", "谢谢观看", "谢谢大家", "谢谢收看", "感谢观看", "感谢收看", "谢谢您的观看",
+    "请订阅", "订阅我的频道", "字幕", "中文字幕", "字幕志愿者",
 })
 
 
@@ -66,7 +70,7 @@ def is_hallucination(result: AsrResult, voiced_ms: int) -> bool:
     if norm in HALLUCINATIONS and (voiced_ms < 1000 or result.no_speech_prob > 0.2
                                    or result.avg_logprob < -0.6):
         return True
-    words = norm.split()  # a decoding loop: the same few words over and over
+    words = text_words(norm)  # a decoding loop: the same few words over and over
     return len(words) >= 12 and len(set(words)) <= len(words) // 4
 
 

@@ -17,7 +17,9 @@ from client.acoustics import EchoRoom, live_microphone
 from client.events import TurnRecord
 from client.ws_client import VoxlensClient
 from pipelines.bargein import CUT_MARK
+from pipelines.compute import Priority
 from pipelines.session import Session
+from pipelines.text import main_script
 from server.app import create_app
 from server.launch import free_port
 from server.settings import Settings
@@ -66,10 +68,10 @@ def lines(voice) -> Iterator[dict[str, np.ndarray]]:  # type: ignore[no-untyped-
 
 
 @contextlib.asynccontextmanager
-async def conversation(app: App, room: EchoRoom, *, client_aec: bool
+async def conversation(app: App, room: EchoRoom, *, client_aec: bool, language: str = "en"
                        ) -> AsyncIterator[VoxlensClient]:
     async with VoxlensClient(app.url) as client:
-        await client.start(language="en", output_audio={"sample_rate": 24_000},
+        await client.start(language=language, output_audio={"sample_rate": 24_000},
                            audio={"sample_rate": 16_000, "echo_cancellation": client_aec})
         mic = asyncio.create_task(live_microphone(client, room))
         try:
@@ -209,3 +211,47 @@ async def test_interrupt_at_the_very_end_of_a_reply(app: App) -> None:
     if reply.interrupted is not None:
         heard = reply.interrupted["heard_text"]
         assert reply.text.strip().startswith(heard) and len(heard) >= len(reply.text.strip()) // 2
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def zh_lines(app: App) -> dict[str, np.ndarray]:
+    """The person's Mandarin lines, said by the server's own Mandarin voice, at 16 kHz."""
+    voices = app.app[STATE].engines.tts  # type: ignore[union-attr]
+    out = {}
+    for key, text in {"question": "请介绍一下北京这座城市。", "stop": "等一下，停。",
+                      "mm": "嗯。"}.items():
+        audio = await voices.synthesize(text, priority=Priority.TTS_FIRST, language="zh")
+        out[key] = resample(audio, voices.sample_rate, 16_000)
+    return out
+
+
+@pytest.mark.parametrize("case", ["stop", "mm", "echo"])
+async def test_mandarin_barge_in(app: App, zh_lines: dict[str, np.ndarray], case: str) -> None:
+    """The same rules with Chinese text: "等一下，停" cuts a Mandarin reply, "嗯" does not, and
+    the reply's own voice coming back from a loudspeaker is not the person."""
+    echo = case == "echo"
+    room = (EchoRoom(24_000, delay_ms=80, gain_db=-6, noise_db=-50) if echo
+            else EchoRoom(24_000, gain_db=-90))
+    async with conversation(app, room, client_aec=not echo, language="zh") as client:
+        reply = await ask(client, room, zh_lines["question"], 1500)
+        if case == "stop":
+            room.say(zh_lines["stop"])
+            await client.wait_for(lambda: reply.interrupted is not None, timeout_s=30)
+            await client.wait_for(lambda: any(t.done for t in client.turns.values()),
+                                  timeout_s=60)
+        else:
+            if case == "mm":
+                room.say(zh_lines["mm"])
+            await client.wait_for(lambda: reply.done, timeout_s=60)
+            await until(lambda: played_all(client, reply), timeout_s=60)
+            await asyncio.sleep(1.5)  # the echo tail is over
+    assert main_script(reply.text) == "han", reply.text
+    if case == "stop":
+        cut = reply.interrupted
+        assert cut is not None and cut["heard_text"] and reply.text.startswith(cut["heard_text"])
+        assert len(cut["heard_text"]) < len(reply.text.strip())
+        second = next(t for t in client.turns.values() if t.done)
+        assert "停" in (second.transcript or "") or "等" in (second.transcript or ""), second
+    else:
+        assert reply.interrupted is None, reply.interrupted
+        assert user_turns_after(client, reply.turn_id) == [], finals(client)
