@@ -142,3 +142,14 @@ def test_transcripts_are_converted_to_the_wanted_script() -> None:
     assert zh_script("廣州市的天氣很好") == "广州市的天气很好"
     assert zh_script("广州市的天气很好", "traditional") == "廣州市的天氣很好"
     assert zh_script("Hello.") == "Hello."
+
+
+def test_whispers_mandarin_inventions_on_short_sounds_are_not_turns() -> None:
+    from pipelines.engines.base import AsrResult
+    from pipelines.listener import is_hallucination
+
+    assert is_hallucination(AsrResult("谢谢。", "zh", 0.1, -0.3), voiced_ms=400)
+    assert is_hallucination(AsrResult("谢谢观看！", "zh", 0.4, -0.5), voiced_ms=2000)
+    assert is_hallucination(AsrResult("哈哈" * 8, "zh", 0.1, -0.3), voiced_ms=3000)  # a loop
+    assert not is_hallucination(AsrResult("谢谢你告诉我。", "zh", 0.05, -0.3), voiced_ms=1500)
+    assert not is_hallucination(AsrResult("谢谢。", "zh", 0.05, -0.2), voiced_ms=1500)

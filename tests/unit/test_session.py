@@ -10,7 +10,9 @@ import pytest
 
 from pipelines.engines.base import ChatMessage
 from pipelines.engines.fakes import FakeAsr, FakeLlm, FakeTts, FakeVad
-from pipelines.session import Engines, Session, SessionConfig
+from pipelines.session import LANGUAGE_HINTS, Engines, Session, SessionConfig
+from pipelines.text import main_script
+from pipelines.voices import Voices
 from streaming.errors import EngineError
 from streaming.events import (
     Error,
@@ -191,3 +193,25 @@ async def test_close_mid_reply_cancels_everything() -> None:
     leftover = set(asyncio.all_tasks()) - before - {asyncio.current_task()}
     assert not [t for t in leftover if not t.done()]
     assert session.events.closed
+
+
+async def test_a_mandarin_turn_is_answered_in_mandarin_by_the_mandarin_voice() -> None:
+    """A typed Mandarin turn: the prompt ends with the reminder to answer in Mandarin (the
+    history keeps the words alone), and the reply's chunks go to the voice of their script."""
+    llm = FakeLlm("巴黎 是 法国 的 首都。 Paris is lovely.")
+    en, zh = FakeTts(latency_s=0.01), FakeTts(latency_s=0.01)
+    session = Session("zh", Engines(FakeVad(), FakeAsr(), llm, Voices({"en": en, "zh": zh})),
+                      SessionConfig(), clock=asyncio.get_running_loop().time)
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(session.run())
+        session.submit_text("法国的首都是哪里？")
+        await asyncio.sleep(5)
+        session.submit_text("And in English?")
+        await asyncio.sleep(5)
+        session.close()
+    first, second = llm.prompts
+    assert first[-1].content == f"法国的首都是哪里？\n{LANGUAGE_HINTS['zh']}"
+    assert second[-1].content == "And in English?"  # no reminder after English words
+    assert [e.user for e in session.history.exchanges] == ["法国的首都是哪里？", "And in English?"]
+    assert zh.calls and all(main_script(text) == "han" for text, _ in zh.calls)
+    assert en.calls and all(main_script(text) == "latin" for text, _ in en.calls)
