@@ -385,9 +385,8 @@ class Session:
                     speech_end: float | None = None, language: str | None = None) -> None:
         if self._tg is None:
             raise ProtocolError("session is not running", code="bad_state")
-        if language is None:  # a typed turn: the session's language, else the text's script
-            script = main_script(user_text)
-            language = self.config.language or {"han": "zh", "latin": None, None: None}[script]
+        if language is None:  # a typed turn: the session's language, else Chinese by its script
+            language = self.config.language or ("zh" if main_script(user_text) == "han" else None)
         turn = Turn(turn_id, user_text, [], self.engines.llm, self.engines.tts, self.events,
                     self.config.output_rate, self.config.turn, self.clock,
                     session_id=self.session_id, on_metrics=self.on_metrics,
