@@ -296,10 +296,19 @@ class LoopCommands:
         self._call(self.app.stop)
 
 
+def print_json(ev: JsonEvent) -> None:
+    """One JSON line on stdout, with the characters themselves; where stdout cannot encode
+    them (Chinese in a non-UTF-8 locale), with \\u escapes instead of failing."""
+    try:
+        print(json.dumps(ev, ensure_ascii=False), flush=True)
+    except UnicodeEncodeError:
+        print(json.dumps(ev), flush=True)
+
+
 def print_event(ev: JsonEvent) -> None:
     """One JSON line per event (reply text deltas are left out: reply.done has the text)."""
     if ev.get("type") != "reply.text":
-        print(json.dumps(ev, ensure_ascii=False), flush=True)
+        print_json(ev)
 
 
 def put_latest(inbox: queue.Queue[JsonEvent], ev: JsonEvent) -> None:
@@ -331,7 +340,7 @@ async def run_headless(options: DesktopOptions) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    print(json.dumps({"type": "desktop.exit", **state.summary()}, ensure_ascii=False), flush=True)
+    print_json({"type": "desktop.exit", **state.summary()})
     return code
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import queue
 import signal
 import sys
@@ -26,7 +25,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from client.desktop import DesktopApp, DesktopOptions, LoopCommands, print_event, put_latest
+from client.desktop import DesktopApp, DesktopOptions, LoopCommands, print_event, print_json, put_latest
 from client.desktop_camera import Frame, FrameSlot
 from client.desktop_state import CLOSED, DesktopState
 
@@ -355,5 +354,5 @@ def run_window(options: DesktopOptions) -> int:
             root.destroy()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    print(json.dumps({"type": "desktop.exit", **shown}, ensure_ascii=False), flush=True)
+    print_json({"type": "desktop.exit", **shown})
     return result[0] if result else 1

@@ -384,18 +384,18 @@ class Speaker:
         kind = ev.get("type")
         if self.options.json_events:
             if kind != "reply.text":
-                print(json.dumps(ev, ensure_ascii=False), file=self.out, flush=True)
+                _line(self.out, json.dumps(ev, ensure_ascii=False), json.dumps(ev))
             return
         match kind:
             case "session.ready" if ev.get("session_id") != self._shown or ev.get("resumed"):
                 self._shown = ev.get("session_id")
                 _note(f"session {self._shown}" + (" resumed" if ev.get("resumed") else ""))
             case "transcript" if ev.get("final"):
-                print(f"you: {ev.get('text')}", file=self.out, flush=True)
+                _line(self.out, f"you: {ev.get('text')}")
             case "reply.done":
-                print(f"assistant: {ev.get('text')}", file=self.out, flush=True)
+                _line(self.out, f"assistant: {ev.get('text')}")
             case "reply.interrupted":
-                print(f"assistant (interrupted): {ev.get('heard_text')}", file=self.out, flush=True)
+                _line(self.out, f"assistant (interrupted): {ev.get('heard_text')}")
             case "error":
                 _note(f"error {ev.get('code')}: {ev.get('message')}")
 
@@ -471,5 +471,18 @@ class Speaker:
                     await self._conn.send_audio(tail)
 
 
+def _line(out: TextIO, text: str, escaped: str | None = None) -> None:
+    """Print one line. Where ``out`` cannot encode it (Chinese on a stdout in a non-UTF-8
+    locale), print ``escaped`` (the JSON with \\u escapes) or the text with backslash escapes
+    instead of failing the conversation."""
+    try:
+        print(text, file=out, flush=True)
+    except UnicodeEncodeError:
+        if escaped is None:
+            encoding = getattr(out, "encoding", None) or "ascii"
+            escaped = text.encode(encoding, "backslashreplace").decode(encoding)
+        print(escaped, file=out, flush=True)
+
+
 def _note(text: str) -> None:
-    print(f"[{text}]", file=sys.stderr, flush=True)
+    print(f"[{text}]", file=sys.stderr, flush=True)  # stderr escapes what it cannot encode

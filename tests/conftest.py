@@ -80,13 +80,19 @@ def speak(voice, text: str) -> tuple[Float32Array, int]:  # type: ignore[no-unty
 
 
 @pytest.fixture(scope="session")
-def transcriber():  # type: ignore[no-untyped-def]
-    """Whisper base (packaged), to transcribe reply audio back to text."""
+def whisper():  # type: ignore[no-untyped-def]
+    """Whisper base (packaged), loaded once, to hear what reply audio says."""
     from faster_whisper import WhisperModel
 
     from pipelines.models import default_cache_dir, whisper_model
-    model = WhisperModel(whisper_model("base", default_cache_dir()), device="cpu",
-                         compute_type="int8", cpu_threads=2)
+    return WhisperModel(whisper_model("base", default_cache_dir()), device="cpu",
+                        compute_type="int8", cpu_threads=2)
+
+
+@pytest.fixture(scope="session")
+def transcriber(whisper):  # type: ignore[no-untyped-def]
+    """English reply audio back to text."""
+    model = whisper
 
     def transcribe(pcm: bytes, rate: int) -> str:
         audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jiwer
 import numpy as np
 from faster_whisper import WhisperModel
 from pypinyin import lazy_pinyin
 
-from pipelines.text import HAN, ZH_PROMPT, zh_script
+from client.wavio import read_wav
+from pipelines.text import HAN, ZH_PROMPT, main_script, zh_script
 from streaming.audio import Float32Array, resample
 
 
@@ -38,3 +41,19 @@ def hear(whisper: WhisperModel, audio: Float32Array, rate: int, language: str | 
 
 def pcm_audio(pcm: bytes) -> Float32Array:
     return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
+
+
+def check_mandarin_turn(whisper: WhisperModel, said: str, transcript: str, reply: str,
+                        recording: Path) -> None:
+    """Heard as said, in simplified characters; answered mostly in Chinese; and the reply
+    the speaker played (recorded) is that answer spoken in Mandarin."""
+    assert transcript == zh_script(transcript) and HAN.search(transcript), transcript
+    assert cer(said, transcript) <= 0.2, transcript
+    assert main_script(reply) == "han", reply
+    audio, rate = read_wav(recording)
+    # from just before the first sound: the speaker records silence while the question is
+    # said, and seconds of silence before speech throw Whisper base off
+    sounding = np.flatnonzero(np.abs(audio) > 0.01)
+    assert sounding.size, "the recording is silent"
+    heard_zh = hear(whisper, audio[max(0, sounding[0] - rate * 3 // 10):], rate, "zh")
+    assert cer(reply, heard_zh) <= 0.3, (reply, heard_zh)

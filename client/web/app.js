@@ -5,34 +5,173 @@
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 
+// The page's words in each language it speaks. The picker's value is the session's spoken
+// language (the offer's `language`; "" = Auto = detect); the labels are Chinese for "zh" and
+// English otherwise.
+const LABELS = {
+  en: {
+    language: "Language", auto: "Auto", connect: "Connect", disconnect: "Disconnect",
+    mute: "Mute", unmute: "Unmute", stop: "Stop reply", stopTitle: "Stop the current reply",
+    camera: "Camera", preview: "Camera preview", placeholder: "Type a message…", message: "Message",
+    send: "Send", you: "You", assistant: "voxlens",
+    empty: "Press Connect, allow the microphone, and talk. You can also type below.",
+    latencyNone: "voice-to-voice: –",
+    latency: (ms) => `voice-to-voice (server): ${ms} ms`,
+    ms: (ms) => `${ms} ms`,
+    nextConnect: "The new language is used from the next connection: press Disconnect, then Connect.",
+    state: {
+      notConnected: "not connected", connecting: "connecting…", listening: "listening",
+      hearing: "listening…", thinking: "thinking…", speaking: "speaking",
+      noMicrophone: "no microphone", disconnected: "disconnected",
+    },
+    error: {
+      busy: "The assistant is busy with other people right now. Please try again in a moment.",
+      not_ready: "The assistant is still starting up. Please try again in a few seconds.",
+      engine_failed: "Sorry, something went wrong while answering. Please try again.",
+      internal: "The assistant ran into a problem and ended the conversation. Press Connect to start again.",
+      micDenied: "voxlens needs your microphone. Please allow microphone access in the browser and try again.",
+      noDevice: (detail) => "No microphone (or camera) could be opened: " + detail,
+      lost: "The connection to the assistant was lost. Press Connect to start again.",
+      unreachable: "The assistant could not be reached. Is the server running?",
+      other: (detail) => detail || "Something went wrong.",
+    },
+  },
+  zh: {
+    language: "语言", auto: "自动", connect: "连接", disconnect: "断开",
+    mute: "静音", unmute: "取消静音", stop: "停止回答", stopTitle: "停止当前的回答",
+    camera: "摄像头", preview: "摄像头画面", placeholder: "输入消息…", message: "消息",
+    send: "发送", you: "你", assistant: "voxlens",
+    empty: "按“连接”，允许使用麦克风，然后说话。也可以在下面输入文字。",
+    latencyNone: "语音到语音：–",
+    latency: (ms) => `语音到语音（服务器）：${ms} 毫秒`,
+    ms: (ms) => `${ms} 毫秒`,
+    nextConnect: "新的语言在下次连接时生效：请先按“断开”，再按“连接”。",
+    state: {
+      notConnected: "未连接", connecting: "正在连接…", listening: "正在听",
+      hearing: "正在听…", thinking: "正在思考…", speaking: "正在说话",
+      noMicrophone: "没有麦克风", disconnected: "已断开",
+    },
+    error: {
+      busy: "助手正在为其他人服务，请稍后再试。",
+      not_ready: "助手还在启动，请过几秒钟再试。",
+      engine_failed: "抱歉，回答时出了问题，请再试一次。",
+      internal: "助手出了问题，结束了这次对话。请按“连接”重新开始。",
+      micDenied: "voxlens 需要使用你的麦克风。请在浏览器中允许访问麦克风，然后再试一次。",
+      noDevice: (detail) => "无法打开麦克风（或摄像头）：" + detail,
+      lost: "与助手的连接已断开。请按“连接”重新开始。",
+      unreachable: "无法连接到助手。服务器在运行吗？",
+      other: (detail) => (detail ? "出了问题：" + detail : "出了问题。"),
+    },
+  },
+};
+// server error codes that have plain words of their own (the others show the server's message)
+const PLAIN_CODES = ["busy", "not_ready", "engine_failed", "internal"];
+const LANGUAGE_KEY = "voxlens.language";  // localStorage: the picker's last choice
+
 // State the page exposes for people (the DOM) and for tests (window.voxlens).
 const vx = (window.voxlens = {
   state: "idle", sessionId: null, finals: [], replies: {}, metrics: [], errors: [],
   scene: null, audioEnergy: 0, receivedMs: 0, playedMs: 0, interrupted: [], playbackReports: 0,
+  language: null,  // the spoken language sent with the last offer (null: detected)
+  labels: "en",  // the language of the page's labels
 });
 
 let pc = null, channel = null, micStream = null, camStream = null, statsTimer = null;
 // The reply playing now, where its first sound was in the received stream, and the audio
 // energy at reply.started (its first sound is when the energy starts growing again).
 let replyTurn = null, replyStartMs = null, replyEnergy = 0;
+// What the labels say, kept so that a change of language can write them again.
+let stateLabel = "notConnected", errorShown = null, latencyMs = null;
+
+const words = () => LABELS[vx.labels];
+const pickedLanguage = () => $("language").value || null;
+
+function stored() {
+  try { return localStorage.getItem(LANGUAGE_KEY); } catch (e) { return null; }  // storage off
+}
+
+function store(value) {
+  try { localStorage.setItem(LANGUAGE_KEY, value); } catch (e) { /* storage off: not kept */ }
+}
 
 function setState(state, label) {
   vx.state = state;
+  stateLabel = label;
   const el = $("state");
   el.className = "state " + state;
-  el.textContent = label || state;
+  el.textContent = words().state[label];
 }
 
-function showError(message) {
-  if (message) vx.errors.push(message);
+// An error is null (none) or [key, detail], the key one of LABELS.*.error.
+function errorText(error) {
+  const text = words().error[error[0]];
+  return typeof text === "function" ? text(error[1] || "") : text;
+}
+
+function showError(error) {
+  errorShown = error;
   const el = $("error");
-  el.textContent = message;
-  el.hidden = !message;
+  el.textContent = error ? errorText(error) : "";
+  el.hidden = !error;
+  if (error) vx.errors.push(el.textContent);
+}
+
+// A server error code as an error to show: its plain words, or else the server's message.
+function plainError(code, message) {
+  return PLAIN_CODES.includes(code) ? [code] : ["other", message];
+}
+
+// Every label on the page in the labels' language, and the html lang attribute with them (it
+// picks the Chinese fonts and tells screen readers which voice to read with).
+function showLabels() {
+  const w = words();
+  document.documentElement.lang = vx.labels === "zh" ? "zh-CN" : "en";
+  for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = w[el.dataset.i18n];
+  for (const el of document.querySelectorAll("[data-i18n-title]")) el.title = w[el.dataset.i18nTitle];
+  for (const el of document.querySelectorAll("[data-i18n-placeholder]")) {
+    el.placeholder = w[el.dataset.i18nPlaceholder];
+  }
+  for (const el of document.querySelectorAll("[data-i18n-aria-label]")) {
+    el.setAttribute("aria-label", w[el.dataset.i18nAriaLabel]);
+  }
+  $("connect").textContent = pc ? w.disconnect : w.connect;
+  $("mute").textContent = $("mute").getAttribute("aria-pressed") === "true" ? w.unmute : w.mute;
+  $("state").textContent = w.state[stateLabel];
+  if (errorShown) $("error").textContent = errorText(errorShown);
+  $("latency").textContent = latencyMs === null ? w.latencyNone : w.latency(latencyMs);
+  $("log").dataset.empty = w.empty;
+  for (const li of document.querySelectorAll("#log li")) {
+    li.dataset.who = li.classList.contains("user") ? w.you : w.assistant;
+  }
+  for (const span of document.querySelectorAll("#log .ms")) span.textContent = w.ms(Number(span.dataset.ms));
+  showLanguageNote();
+}
+
+// A language picked while connected is used from the next connection; the page says so.
+function showLanguageNote() {
+  const note = $("language-note");
+  note.hidden = !pc || pickedLanguage() === vx.language;
+  note.textContent = note.hidden ? "" : words().nextConnect;
+}
+
+function chooseLanguage(value, remember) {
+  const picker = $("language");
+  if (![...picker.options].some((o) => o.value === value)) {
+    // another language code from ?language= (it goes to the server as it is), listed as itself
+    const option = document.createElement("option");
+    option.value = option.textContent = value;
+    picker.appendChild(option);
+  }
+  picker.value = value;
+  vx.labels = value === "zh" ? "zh" : "en";
+  if (remember) store(value);
+  showLabels();
 }
 
 function say(kind, text, turnId) {
   const li = document.createElement("li");
   li.className = kind;
+  li.dataset.who = kind === "user" ? words().you : words().assistant;
   if (turnId !== undefined) li.dataset.turn = String(turnId);
   li.textContent = text;
   $("log").appendChild(li);
@@ -44,15 +183,6 @@ function send(message) {
   if (channel && channel.readyState === "open") channel.send(JSON.stringify(message));
 }
 
-function plainError(code, message) {
-  switch (code) {
-    case "busy": return "The assistant is busy with other people right now. Please try again in a moment.";
-    case "not_ready": return "The assistant is still starting up. Please try again in a few seconds.";
-    case "engine_failed": return "Sorry, something went wrong while answering. Please try again.";
-    default: return message || "Something went wrong.";
-  }
-}
-
 function onEvent(ev) {
   switch (ev.type) {
     case "session.ready":
@@ -61,14 +191,14 @@ function onEvent(ev) {
       setState("listening", "listening");
       break;
     case "speech.started":
-      setState("listening", "listening…");
+      setState("listening", "hearing");
       break;
     case "transcript":
       if (ev.final) {
         $("partial").textContent = "";
         vx.finals.push(ev.text);
         say("user", ev.text, ev.turn_id);
-        setState("thinking", "thinking…");
+        setState("thinking", "thinking");
       } else {
         $("partial").textContent = ev.text;
       }
@@ -108,12 +238,14 @@ function onEvent(ev) {
     case "metrics": {
       vx.metrics.push(ev);
       const ms = Math.round(ev.stages.first_audio_sent);
-      $("latency").textContent = `voice-to-voice (server): ${ms} ms`;
+      latencyMs = ms;
+      $("latency").textContent = words().latency(ms);
       const li = $("reply-" + ev.turn_id);
       if (li) {
         const span = document.createElement("span");
         span.className = "ms";
-        span.textContent = `${ms} ms`;
+        span.dataset.ms = String(ms);
+        span.textContent = words().ms(ms);
         li.appendChild(span);
       }
       break;
@@ -163,9 +295,9 @@ function waitForIce(peer, timeoutMs) {
 }
 
 async function connect() {
-  showError("");
+  showError(null);
   $("connect").disabled = true;
-  setState("idle", "connecting…");
+  setState("idle", "connecting");
   try {
     micStream = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
@@ -177,11 +309,9 @@ async function connect() {
     }
   } catch (e) {
     const denied = e && (e.name === "NotAllowedError" || e.name === "SecurityError");
-    showError(denied
-      ? "voxlens needs your microphone. Please allow microphone access in the browser and try again."
-      : "No microphone (or camera) could be opened: " + (e.message || e.name));
+    showError(denied ? ["micDenied"] : ["noDevice", e.message || e.name]);
     cleanup();
-    setState("error", "no microphone");
+    setState("error", "noMicrophone");
     return;
   }
   let iceServers = [];  // the server's list (empty by default: no STUN server is ever assumed)
@@ -194,10 +324,11 @@ async function connect() {
   pc.ontrack = (e) => { $("reply").srcObject = e.streams[0] || new MediaStream([e.track]); };
   pc.onconnectionstatechange = () => {
     if (pc && (pc.connectionState === "failed" || pc.connectionState === "disconnected")) {
-      showError("The connection to the assistant was lost. Press Connect to start again.");
+      showError(["lost"]);
       disconnect("lost");
     }
   };
+  vx.language = pickedLanguage();
   try {
     await pc.setLocalDescription(await pc.createOffer());
     await waitForIce(pc, 3000);
@@ -205,23 +336,23 @@ async function connect() {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       // the browser cancels echo itself (getUserMedia echoCancellation), so the server need not
-      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer", language: params.get("language"),
+      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer", language: vx.language,
                              echo_cancellation: true }),
     });
     const answer = await resp.json();
     if (!resp.ok) throw Object.assign(new Error(answer.message), { code: answer.error });
     await pc.setRemoteDescription(answer);
   } catch (e) {
-    showError(e.code ? plainError(e.code, e.message)
-      : "The assistant could not be reached. Is the server running?");
+    showError(e.code ? plainError(e.code, e.message) : ["unreachable"]);
     cleanup();
-    setState("error", "not connected");
+    setState("error", "notConnected");
     return;
   }
   statsTimer = setInterval(pollStats, 250);
-  $("connect").textContent = "Disconnect";
+  $("connect").textContent = words().disconnect;
   $("connect").disabled = false;
   for (const id of ["mute", "stop", "text", "send"]) $(id).disabled = false;
+  showLanguageNote();
 }
 
 function cleanup() {
@@ -233,15 +364,18 @@ function cleanup() {
   for (const s of [micStream, camStream]) if (s) s.getTracks().forEach((t) => t.stop());
   micStream = camStream = null;
   $("preview").hidden = true;
-  $("connect").textContent = "Connect";
+  $("connect").textContent = words().connect;
   $("connect").disabled = false;
+  $("mute").setAttribute("aria-pressed", "false");
+  $("mute").textContent = words().mute;
   for (const id of ["mute", "stop", "text", "send"]) $(id).disabled = true;
+  showLanguageNote();
 }
 
 function disconnect(reason) {
   send({ type: "session.end" });
   cleanup();
-  if (reason !== "error" && reason !== "lost") setState("idle", "not connected");
+  if (reason !== "error" && reason !== "lost") setState("idle", "notConnected");
   else setState("error", "disconnected");
 }
 
@@ -251,7 +385,7 @@ $("mute").onclick = () => {
   const track = micStream.getAudioTracks()[0];
   track.enabled = !track.enabled;
   $("mute").setAttribute("aria-pressed", String(!track.enabled));
-  $("mute").textContent = track.enabled ? "Mute" : "Unmute";
+  $("mute").textContent = track.enabled ? words().mute : words().unmute;
 };
 // Stop silences the current reply here at once and tells the server, which cuts it (its
 // reply.interrupted says what was heard); the next reply plays again.
@@ -266,9 +400,15 @@ $("typed").onsubmit = (e) => {
   if (!text) return;
   send({ type: "text", text });
   say("user", text);
-  setState("thinking", "thinking…");
+  setState("thinking", "thinking");
   $("text").value = "";
 };
+// The labels change at once; the spoken language is sent with the next connection.
+$("language").onchange = () => chooseLanguage($("language").value, true);
 
+// ?language= picks the language of this visit (en, zh, another code, or auto) without
+// remembering it; otherwise the picker's last choice; otherwise Auto.
+const asked = params.has("language") ? params.get("language").trim().toLowerCase() : stored();
+chooseLanguage(asked && asked !== "auto" ? asked : "", false);
 if (params.get("camera") === "1") $("use-camera").checked = true;
 if (params.get("autostart") === "1") connect();

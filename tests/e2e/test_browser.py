@@ -5,6 +5,7 @@ has nothing but loopback, so every WebRTC candidate and packet stays on 127.0.0.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from playwright.async_api import async_playwright
+from playwright.async_api import Browser, Page, Playwright, async_playwright
+from playwright.async_api import TimeoutError as PlaywrightTimeout
 
-from client.wavio import write_wav
+from client.wavio import read_wav, write_wav
 from server.launch import ServerProcess, spawn_server
 from tests.conftest import ARTIFACTS, speak
 
@@ -49,20 +51,26 @@ def ns_server(netns: str) -> Iterator[ServerProcess]:
     server.stop()
 
 
+async def launch(p: Playwright, netns: str, tmp_path: Path, microphone: Path) -> Browser:
+    """Chromium in the namespace, hearing ``microphone`` (a WAV it plays in a loop) as its
+    microphone."""
+    launcher = tmp_path / "chromium-in-netns"
+    launcher.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {CHROMIUM} "$@"\n')
+    launcher.chmod(0o755)
+    ARTIFACTS.mkdir(exist_ok=True)
+    return await p.chromium.launch(
+        executable_path=str(launcher), headless=True,
+        args=[*FLAGS, f"--use-file-for-fake-audio-capture={microphone}"])
+
+
 async def test_page_holds_a_spoken_conversation(ns_server: ServerProcess, netns: str, voice,  # type: ignore[no-untyped-def]
                                                 tmp_path: Path) -> None:
     audio, rate = speak(voice, "What is the capital of France?")
     question = tmp_path / "question.wav"  # Chromium loops the file: speech, then 6 s of silence
     write_wav(question, np.concatenate([np.zeros(rate // 2, np.float32), audio,
                                         np.zeros(rate * 6, np.float32)]), rate)
-    launcher = tmp_path / "chromium-in-netns"
-    launcher.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {CHROMIUM} "$@"\n')
-    launcher.chmod(0o755)
-    ARTIFACTS.mkdir(exist_ok=True)
     async with async_playwright() as p:
-        browser = await p.chromium.launch(
-            executable_path=str(launcher), headless=True,
-            args=[*FLAGS, f"--use-file-for-fake-audio-capture={question}"])
+        browser = await launch(p, netns, tmp_path, question)
         try:
             page = await browser.new_page(viewport={"width": 1200, "height": 800})
             await page.goto(f"http://127.0.0.1:{ns_server.port}/?autostart=1&camera=1")
@@ -96,3 +104,86 @@ async def test_page_holds_a_spoken_conversation(ns_server: ServerProcess, netns:
     assert not vx["errors"], vx["errors"]
     assert vx["scene"].strip()
     assert vx["interrupted"][0]["turn_id"] > 0
+
+
+async def wait(page: Page, condition: str, timeout_s: float) -> None:
+    """Wait until ``condition`` holds on the page; a timeout says what the page had then."""
+    try:
+        await page.wait_for_function(condition, timeout=timeout_s * 1000)
+    except PlaywrightTimeout:
+        vx = await page.evaluate("window.voxlens")
+        pytest.fail(f"no {condition} within {timeout_s} s; the page had {vx}")
+
+
+HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+# Common characters that only the traditional script writes so (simplified: 们这个来说时会为国学…)
+TRADITIONAL = set("們這個來說時會為國學麼嗎對沒點裡後過還長開問題氣見樣聽話語請謝現電東車愛與從當體實種"
+                  "應經間頭發將動認讓邊總並無幾變關號親書錢歲買賣師業醫風飛馬魚鳥門陽陰聲藝術歡樂華"
+                  "報紙網絡記憶價溫臺灣廣場處進運遠連達選寫讀")
+
+
+async def test_page_in_chinese_holds_a_mandarin_conversation(  # type: ignore[no-untyped-def]
+        ns_server: ServerProcess, netns: str, zh_speech, tmp_path: Path) -> None:
+    recording, said = zh_speech[0]
+    audio, rate = read_wav(recording)
+    # Chromium loops the file: silence long enough that the question is not asked again (and
+    # taken for barge-in) before the reply has been heard
+    question = tmp_path / "question-zh.wav"
+    write_wav(question, np.concatenate([np.zeros(rate // 2, np.float32), audio,
+                                        np.zeros(rate * 20, np.float32)]), rate)
+    async with async_playwright() as p:
+        browser = await launch(p, netns, tmp_path, question)
+        try:
+            context = await browser.new_context(viewport={"width": 1200, "height": 800})
+            page = await context.new_page()
+            await page.goto(f"http://127.0.0.1:{ns_server.port}/")
+            assert await page.text_content("#connect") == "Connect"  # Auto: English labels
+            await page.select_option("#language", "zh")  # as a person picks 中文
+            labels = {
+                "lang": await page.get_attribute("html", "lang"),
+                "picker": await page.text_content("label[for=language]"),
+                "connect": await page.text_content("#connect"),
+                "stop": await page.text_content("#stop"),
+                "state": await page.text_content("#state"),
+                "placeholder": await page.get_attribute("#text", "placeholder"),
+                "latency": await page.text_content("#latency"),
+            }
+            assert labels == {"lang": "zh-CN", "picker": "语言", "connect": "连接", "stop": "停止回答",
+                              "state": "未连接", "placeholder": "输入消息…",
+                              "latency": "语音到语音：–"}, labels
+            await page.click("#connect")
+            await wait(page, "window.voxlens.sessionId !== null", 30)
+            assert await page.text_content("#connect") == "断开"
+            han = "/[\\u3400-\\u4dbf\\u4e00-\\u9fff]/"
+            await wait(page, f"window.voxlens.finals.some((t) => {han}.test(t))", 120)
+            await wait(page, f"Object.values(window.voxlens.replies).some((t) => {han}.test(t))", 60)
+            await wait(page, "window.voxlens.playedMs > 0", 60)  # the reply's audio was heard
+            state = await page.text_content("#state")
+            vx = await page.evaluate("window.voxlens")
+            await page.screenshot(path=str(ARTIFACTS / "page-zh.png"))
+            # the choice is remembered; ?language= picks for one visit and is not remembered
+            again = await context.new_page()
+            await again.goto(f"http://127.0.0.1:{ns_server.port}/")
+            remembered = (await again.input_value("#language"), await again.text_content("#send"))
+            await again.goto(f"http://127.0.0.1:{ns_server.port}/?language=en")
+            url_pick = (await again.input_value("#language"), await again.text_content("#send"))
+            await again.set_viewport_size({"width": 390, "height": 844})
+            await again.goto(f"http://127.0.0.1:{ns_server.port}/")
+            remembered_after = await again.text_content("#send")
+            await again.screenshot(path=str(ARTIFACTS / "page-zh-phone.png"))
+            # a new choice while connected: English labels now, the language at the next connect
+            await page.select_option("#language", "")
+            switched = (await page.text_content("#connect"), await page.is_visible("#language-note"))
+        finally:
+            await browser.close()
+    final = next(t for t in vx["finals"] if HAN.search(t))
+    assert vx["language"] == "zh" and vx["labels"] == "zh"
+    assert not TRADITIONAL & set(final), f"traditional script in {final!r}"
+    heard = set(HAN.findall(said)) & set(HAN.findall(final))  # and it is what was said
+    assert len(heard) >= len(set(HAN.findall(said))) / 4, (final, said)
+    assert any(HAN.search(text) for text in vx["replies"].values()), vx["replies"]
+    assert vx["audioEnergy"] > 0 and vx["playedMs"] > 0
+    assert state in {"正在思考…", "正在说话", "正在听", "正在听…"}, state
+    assert not vx["errors"], vx["errors"]
+    assert remembered == ("zh", "发送") and url_pick == ("en", "Send") and remembered_after == "发送"
+    assert switched == ("Disconnect", True)

@@ -1,6 +1,7 @@
 """`voxlens desktop` against a real server, with a spoken question as the microphone and a photo
 of a cat as the camera: headless (events on stdout, reply audio recorded and heard back by
-Whisper) and with its window on a virtual display (Xvfb), screenshot saved. WebRTC stays on
+Whisper) and with its window on a virtual display (Xvfb), screenshot saved; and headless in
+Mandarin (``--language zh``, a real recording as the microphone, no camera). WebRTC stays on
 127.0.0.1 (host candidates pinned on both sides)."""
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from faster_whisper import WhisperModel
 from PIL import ImageGrab
 from skimage import data as photos
 
 from client.desktop_window import WINDOW_H, WINDOW_W
-from client.wavio import write_wav
+from client.wavio import read_wav, write_wav
+from pipelines.text import HAN, main_script, zh_script
 from tests.conftest import ARTIFACTS, ROOT, Server, speak, until
+from tests.mandarin import cer, hear
 
 
 class DesktopProcess:
@@ -145,3 +149,36 @@ async def test_window_under_xvfb_shows_the_conversation(server: Server, xdisplay
     assert not shown["notice"]
     pixels = np.asarray(image.convert("RGB"))
     assert pixels.shape == (WINDOW_H, WINDOW_W, 3) and pixels.std() > 20  # not a blank screen
+
+
+async def test_headless_app_in_mandarin(server: Server, whisper: WhisperModel,
+                                        zh_speech: list[tuple[Path, str]], tmp_path: Path) -> None:
+    wav, said = zh_speech[0]  # a real recording: "甚至出现交易几乎停滞的情况"
+    record = tmp_path / "reply-zh.wav"
+    app = DesktopProcess()
+    try:
+        await app.start(["--headless", "--url", server.http, "--mic-file", str(wav), "--no-camera",
+                         "--record", str(record), "--language", "zh", "--ice-host", "127.0.0.1"],
+                        log=ARTIFACTS / "desktop-headless-zh.log")
+        await until(lambda: bool(app.of("desktop.played")), timeout_s=180)
+        code = await app.stop(signal.SIGINT)
+    finally:
+        await app.kill()
+    assert code == 0
+    assert not app.of("error"), app.of("error")
+    final = [e for e in app.of("transcript") if e["final"]]
+    assert len(final) == 1 and final[0]["language"] == "zh", final
+    transcript = final[0]["text"]
+    assert transcript == zh_script(transcript) and HAN.search(transcript), transcript
+    assert cer(said, transcript) <= 0.2, transcript
+    reply = app.of("reply.done")[0]["text"]
+    assert main_script(reply) == "han", reply
+    # the reply audio was played (recorded; only reply audio) in Mandarin: Whisper hears it
+    (ARTIFACTS / "desktop-reply-zh.wav").write_bytes(record.read_bytes())
+    audio, rate = read_wav(record)
+    heard = hear(whisper, audio, rate, "zh")
+    assert cer(reply, heard) <= 0.3, (reply, heard)
+    # what the app shows, printed at exit, is the Chinese text as it came
+    summary = app.of("desktop.exit")[0]
+    assert summary["you"] == transcript and summary["reply"] == reply
+    assert summary["log"] == [f"you: {transcript}", f"assistant: {reply}"], summary["log"]

@@ -6,21 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from faster_whisper import WhisperModel
 
 from client.wavio import read_wav, write_wav
 from client.ws_client import VoxlensClient
-from pipelines.models import default_cache_dir, whisper_model
 from pipelines.text import HAN, main_script, zh_script
 from tests.conftest import ARTIFACTS, Server
 from tests.mandarin import cer, hear, pcm_audio
-
-
-@pytest.fixture(scope="module")
-def whisper() -> WhisperModel:
-    return WhisperModel(whisper_model("base", default_cache_dir()), device="cpu",
-                        compute_type="int8", cpu_threads=2)
 
 
 async def test_spoken_mandarin_gets_a_mandarin_answer(server: Server, whisper: WhisperModel,

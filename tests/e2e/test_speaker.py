@@ -1,11 +1,13 @@
 """``voxlens speaker`` in file mode (WAV in, WAV out, real time) against the real server, over
 MQTT (the command line, numbered audio) and over WebSocket (in process, to see what it sends),
-and reconnecting by itself across a broker restart."""
+and reconnecting by itself across a broker restart; in Mandarin (``--language zh``, a real
+recording as the microphone) over both."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from faster_whisper import WhisperModel
 
 from client.links import Connection, Incoming, Link, MqttLink, WsLink
 from client.speaker import FileAudio, Speaker, SpeakerOptions
@@ -21,6 +24,7 @@ from client.wavio import read_wav, write_wav
 from streaming.audio import float_to_pcm16
 from tests.broker import Broker
 from tests.conftest import ARTIFACTS, MQTT_PREFIX, Server, speak
+from tests.mandarin import check_mandarin_turn
 
 
 def question_wav(voice, path: Path, text: str, lead_silence_s: float = 0.5) -> Path:  # type: ignore[no-untyped-def]
@@ -132,3 +136,50 @@ async def test_speaker_reconnects_by_itself_and_resumes(  # type: ignore[no-unty
     assert speaker.session_id == first  # the server kept the session for the device
     text = heard(transcriber, out)
     assert "madrid" in text, text
+
+
+# ---- Mandarin ----------------------------------------------------------------------------
+
+
+def test_speaker_in_mandarin_over_mqtt_from_the_command_line(
+        mqtt_server: Server, broker: Broker, whisper: WhisperModel,
+        zh_speech: list[tuple[Path, str]], tmp_path: Path) -> None:
+    wav, said = zh_speech[0]  # a real recording: "甚至出现交易几乎停滞的情况"
+    out = tmp_path / "speaker-mqtt-zh.wav"
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "speaker", "--mqtt", broker.url("dev-11"),
+         "--device", "dev-11", "--prefix", MQTT_PREFIX, "--language", "zh",
+         "--input-file", str(wav), "--output-file", str(out), "--json"],
+        capture_output=True, encoding="utf-8", timeout=180)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert not [e for e in events if e["type"] == "error"], events
+    final = [e for e in events if e["type"] == "transcript" and e["final"]]
+    assert len(final) == 1 and final[0]["language"] == "zh", final
+    reply = next(e for e in events if e["type"] == "reply.done")["text"]
+    # the JSON lines carry the characters themselves, not \u escapes
+    assert final[0]["text"] in result.stdout and reply in result.stdout
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "speaker-mqtt-zh.wav").write_bytes(out.read_bytes())
+    check_mandarin_turn(whisper, said, final[0]["text"], reply, out)
+
+
+async def test_speaker_in_mandarin_over_websocket(
+        mqtt_server: Server, whisper: WhisperModel, zh_speech: list[tuple[Path, str]],
+        tmp_path: Path) -> None:
+    wav, said = zh_speech[1]  # "一二线城市虽然也处于调整中"
+    out = tmp_path / "speaker-ws-zh.wav"
+    link = Recording(WsLink(mqtt_server.ws))
+    shown = io.StringIO()  # what a person reads: "you: …", "assistant: …"
+    speaker = Speaker(link, FileAudio(wav, out, 16000, 24000), SpeakerOptions(language="zh"),
+                      out=shown)
+    assert await speaker.run() == 0
+    assert link.sent[0]["type"] == "session.start" and link.sent[0]["language"] == "zh"
+    lines = shown.getvalue().splitlines()
+    you = [line.removeprefix("you: ") for line in lines if line.startswith("you: ")]
+    replies = [line.removeprefix("assistant: ") for line in lines
+               if line.startswith("assistant: ")]
+    assert len(you) == 1 and len(replies) == 1, lines
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "speaker-ws-zh.wav").write_bytes(out.read_bytes())
+    check_mandarin_turn(whisper, said, you[0], replies[0], out)

@@ -45,12 +45,6 @@ def voices(compute: Compute) -> Voices:
     return Voices({"en": PiperTts(model, config, compute, threads=2), "zh": zh})
 
 
-@pytest.fixture(scope="module")
-def whisper() -> WhisperModel:
-    return WhisperModel(models.whisper_model("base", CACHE), device="cpu", compute_type="int8",
-                        cpu_threads=2)
-
-
 async def test_the_mandarin_voice_is_understood_by_whisper(voices: Voices,
                                                            whisper: WhisperModel) -> None:
     zh = voices.voices["zh"]
