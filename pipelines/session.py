@@ -325,7 +325,9 @@ class Session:
         except Dropped:
             pass  # a newer partial's prefill replaced it
         except VoxlensError as e:
-            log.warning("LLM prefill failed: %s", e.message)
+            # the detail may quote the model's output: only at DEBUG (privacy)
+            log.warning("LLM prefill failed (%s); log_level=DEBUG says why", e.code)
+            log.debug("LLM prefill failed: %s", e.message)
 
     def on_tentative(self, turn_id: int, text: str, language: str | None) -> None:
         self._drop_held()

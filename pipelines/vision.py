@@ -169,7 +169,9 @@ class Looker:
         except Dropped:
             return None
         except VoxlensError as e:
-            log.warning("vision failed: %s", e.message)
+            # the detail may quote what the model saw or said: only at DEBUG (privacy)
+            log.warning("vision failed (%s); log_level=DEBUG says why", e.code)
+            log.debug("vision failed: %s", e.message)
             return None
         self.looks += 1
         now = self._clock()

@@ -1,9 +1,13 @@
-"""The aiohttp application: /, /ws, /offer, /healthz, and the session registry."""
+"""The aiohttp application: /, /ws, /offer, /healthz, /v1/tokens, and the session registry.
+
+Every request passes ``server.auth.guard`` first (origin check, then access key or token)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipelines.compute import Compute, Priority
 from pipelines.session import Engines
+from server.auth import AUTH, Auth, guard, tokens
 from server.engines import build_engines, session_config
 from server.mqtt import MQTT, setup_mqtt
 from server.rtc import offer, setup_webrtc, webrtc_config
@@ -90,9 +95,21 @@ async def _load_engines(app: web.Application, factory: EngineFactory) -> None:
         log.exception("loading models failed")
 
 
+def _on_hangup(callback: Callable[[], None]) -> bool:
+    """Run ``callback`` on SIGHUP (re-reading the keys file); False where that is impossible
+    (no such signal, not the main thread)."""
+    with contextlib.suppress(AttributeError, NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, callback)
+        return True
+    return False
+
+
 def create_app(settings: Settings, engine_factory: EngineFactory = build_engines) -> web.Application:
     """The HTTP app. Models load in a worker thread after start-up; /healthz says when ready."""
-    app = web.Application(client_max_size=MAX_IMAGE_MESSAGE_BYTES)  # /v1/vision/ask takes images
+    auth = Auth(settings.auth)  # keys, token secret: read now, so a bad file stops start-up
+    app = web.Application(client_max_size=MAX_IMAGE_MESSAGE_BYTES,  # /v1/vision/ask: images
+                          middlewares=[guard(auth, settings.server)])
+    app[AUTH] = auth
     sched = settings.scheduler
     compute = Compute(max_batch=sched.max_batch, gather_ms=sched.gather_ms,
                       admission_wait_ms=sched.admission_wait_ms, fifo=sched.fifo,
@@ -103,7 +120,11 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engines
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         state = app[STATE]
         state.supervisor.spawn(_load_engines(app, engine_factory), "load-engines")
+        hangup = settings.auth.api_keys_file is not None and _on_hangup(
+            lambda: state.supervisor.spawn(auth.reload(), "reload-keys"))
         yield
+        if hangup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await state.supervisor.close()
         state.compute.close()
 
@@ -117,4 +138,5 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engines
     app.router.add_post("/offer", offer)
     app.router.add_get("/webrtc/config", webrtc_config)
     app.router.add_post("/v1/vision/ask", vision_ask)
+    app.router.add_post("/v1/tokens", tokens)
     return app

@@ -58,6 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from server.app import create_app
+    from server.auth import AccessLog, exposure_refusal, tls_context
     from server.settings import load_settings
 
     overrides: dict[str, Any] = {}
@@ -66,12 +67,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.server.host = args.host
     if args.port is not None:
         settings.server.port = args.port
+    if args.insecure:
+        settings.server.insecure = True
+    refusal = exposure_refusal(settings)
+    if refusal is not None:  # before binding the port or loading anything
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
+    tls = tls_context(settings.server)
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    print(f"voxlens serving on http://{settings.server.host}:{settings.server.port} "
-          f"(WebSocket /ws, health /healthz)", flush=True)
-    web.run_app(app, host=settings.server.host, port=settings.server.port, print=None)
+    scheme = "https" if tls else "http"
+    keys = "access keys required" if settings.auth.configured else "no access keys"
+    print(f"voxlens serving on {scheme}://{settings.server.host}:{settings.server.port} "
+          f"(WebSocket /ws, health /healthz; {keys})", flush=True)
+    web.run_app(app, host=settings.server.host, port=settings.server.port, ssl_context=tls,
+                access_log_class=AccessLog, print=None)
     return 0
 
 
@@ -196,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, help="TOML settings file (env VOXLENS_* wins)")
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default 8080)")
+    p.add_argument("--insecure", action="store_true", help="serve on a non-loopback address "
+                   "without access keys (server.insecure; see README, Deploying safely)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="prepare and verify the packaged models")

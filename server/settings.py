@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -30,6 +30,69 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_sessions: int = Field(16, ge=1, description="new sessions beyond this get a 'busy' error")
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="web origins (https://app.example.org) allowed on /ws, "
+        "/offer and POST besides the server's own origin and localhost/127.0.0.1 on its port")
+    insecure: bool = Field(False, description="serve on a non-loopback address without access "
+                           "keys (anyone who reaches the port may use the server)")
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain): serve HTTPS/WSS")
+    tls_key: Path | None = Field(None, description="the certificate's PEM private key")
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _check_origins(cls, origins: list[str]) -> list[str]:
+        from server.auth import canonical_origin  # (server.auth imports this module)
+
+        out = []
+        for origin in origins:
+            canonical = canonical_origin(origin)
+            if canonical is None:
+                raise ValueError(f"allowed origin {origin!r}: use scheme://host[:port], "
+                                 "e.g. https://app.example.org")
+            out.append(canonical)
+        return out
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("server.tls_cert and server.tls_key go together")
+        return self
+
+
+class AuthSettings(_Section):
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="access keys; any key (or a file) makes /ws, /offer, "
+        "/v1/* and /metrics need 'Authorization: Bearer <key or token>'")
+    api_keys_file: Path | None = Field(None, description="one key per line (# comments); "
+                                       "re-read on SIGHUP")
+    token_ttl_s: int = Field(600, ge=1, le=7 * 86400, description="lifetime of the tokens "
+                             "POST /v1/tokens hands out")
+    token_secret: SecretStr | None = Field(None, description="HS256 secret signing tokens "
+                                           "(≥ 32 characters); unset: generated once and kept "
+                                           "in the state directory")
+    state_dir: Path | None = Field(None, description="where the generated token secret is "
+                                   "kept; default: the user state dir + /voxlens")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for key in keys:
+            value = key.get_secret_value()
+            if not value or value != value.strip() or any(c.isspace() for c in value):
+                raise ValueError("an access key must be non-empty and contain no white space")
+        return keys
+
+    @field_validator("token_secret")
+    @classmethod
+    def _check_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None and len(secret.get_secret_value().encode()) < 32:
+            raise ValueError("auth.token_secret must be at least 32 bytes (HS256)")
+        return secret
+
+    @property
+    def configured(self) -> bool:
+        """Keys are configured (an empty keys file too: then nothing gets in until it fills)."""
+        return bool(self.api_keys) or self.api_keys_file is not None
 
 
 class ModelSettings(_Section):
@@ -210,6 +273,7 @@ class Settings(BaseSettings):
     config_file: ClassVar[Path | None] = None
 
     server: ServerSettings = ServerSettings()
+    auth: AuthSettings = AuthSettings()
     models: ModelSettings = ModelSettings()
     vad: VadSettings = VadSettings()
     bargein: BargeInSettings = BargeInSettings()
