@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import jiwer
@@ -27,13 +26,6 @@ from streaming.errors import ModelNotFound
 JFK = ("and so my fellow americans ask not what your country can do for you "
        "ask what you can do for your country")
 CACHE = models.default_cache_dir()
-
-
-@pytest.fixture(scope="module")
-def compute() -> Iterator[Compute]:
-    c = Compute()
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ and the packaged LLM answering in Mandarin."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import jiwer
 import numpy as np
@@ -29,13 +28,6 @@ from tests.mandarin import cer, hear, syllables
 pytestmark = pytest.mark.models
 CACHE = models.default_cache_dir()
 SENTENCES = ["法国的首都是巴黎。", "一个星期有七天。", "今天天气很好，我们去公园散步吧。"]
-
-
-@pytest.fixture(scope="module")
-def compute() -> Iterator[Compute]:
-    c = Compute()
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")
