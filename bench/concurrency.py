@@ -139,7 +139,9 @@ async def stale_count(http_base: str) -> float:
 async def run_n(n: int, seconds: float, utterances: list[Float32Array], fifo: bool,
                 frames: list[str] | None) -> dict[str, float]:
     env = {"VOXLENS_SERVER__MAX_SESSIONS": "64", "VOXLENS_SCHEDULER__ADMISSION_WAIT_MS": "1e9",
-           "VOXLENS_SCHEDULER__FIFO": "true" if fifo else "false"}
+           "VOXLENS_SCHEDULER__FIFO": "true" if fifo else "false",
+           # every simulated person comes from 127.0.0.1: one client to the per-client limits
+           "VOXLENS_LIMITS__SESSIONS_PER_CLIENT": "0", "VOXLENS_LIMITS__CONNECTIONS_PER_MINUTE": "0"}
     name = f"concurrency-{n}-{'fifo' if fifo else 'policy'}-{'camera' if frames else 'blind'}"
     server = spawn_server(Path(f"bench/results/{name}.log"), env=env)
     try:

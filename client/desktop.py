@@ -31,6 +31,7 @@ import numpy.typing as npt
 from aiortc.exceptions import InvalidStateError
 from aiortc.mediastreams import MediaStreamTrack
 
+from client.access import AccessError
 from client.desktop_audio import (
     AudioDeviceError,
     DesktopMicrophone,
@@ -59,6 +60,7 @@ class DesktopOptions:
     mic_file: Path | None = None  # a WAV played once as the microphone (real time)
     record: Path | None = None  # reply audio to this WAV instead of the speaker
     ice_hosts: list[str] = field(default_factory=list)  # offer ICE host candidates on these only
+    api_key: str | None = None  # a new token is minted with it for the connection
 
 
 class DesktopRtcClient(WebRtcClient):
@@ -74,7 +76,8 @@ class DesktopRtcClient(WebRtcClient):
         echoes = options.record is None and options.mic_file is None
         super().__init__(base.removesuffix("/ws"), camera=camera, language=options.language,
                          host_addresses=options.ice_hosts or None, on_event=on_event,
-                         echo_cancellation=not echoes, report_playback=False)
+                         echo_cancellation=not echoes, report_playback=False,
+                         api_key=options.api_key)
         self.microphone = mic
         self._on_audio = on_audio
 
@@ -212,6 +215,8 @@ class DesktopApp:
         """None once connected (the session is ready), else why not."""
         try:
             await client.__aenter__()
+        except AccessError as e:  # the server wants a key, or refused the one given
+            return str(e)
         except (ConnectionError, aiohttp.ClientError, OSError, TimeoutError) as e:
             return f"could not connect to {client.base_url}: {e or type(e).__name__}"
         return None
@@ -306,9 +311,12 @@ def print_json(ev: JsonEvent) -> None:
 
 
 def print_event(ev: JsonEvent) -> None:
-    """One JSON line per event (reply text deltas are left out: reply.done has the text)."""
+    """One JSON line per event (reply text deltas are left out: reply.done has the text); why
+    a connection failed or ended also goes to stderr, as an ``error:`` line."""
     if ev.get("type") != "reply.text":
         print_json(ev)
+    if ev.get("type") == CLOSED and ev.get("reason"):
+        print(f"error: {ev['reason']}", file=sys.stderr, flush=True)
 
 
 def put_latest(inbox: queue.Queue[JsonEvent], ev: JsonEvent) -> None:

@@ -1,6 +1,8 @@
 """Connections for device clients (``voxlens speaker``): the same conversation over MQTT or a
 WebSocket. A link opens one connection at a time; the caller reconnects. Every transport
-failure surfaces as ``ConnectionError``, so the caller needs to know no library's errors."""
+failure surfaces as ``ConnectionError``, so the caller needs to know no library's errors; a
+server that refuses the client's credential raises ``client.access.AccessError`` (reconnecting
+will not help)."""
 
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 import aiomqtt
 
+from client import access
 from streaming.mqtt import (
     AUDIO_IN,
     AUDIO_OUT,
@@ -191,17 +194,20 @@ def _with_gaps(frames: list[tuple[int, bytes]]) -> list[bytes]:
 class WsLink:
     resend_start = False  # the server reads the socket in order: audio waits behind the start
 
-    def __init__(self, url: str) -> None:
-        if urlsplit(url).scheme not in ("ws", "wss"):
+    def __init__(self, url: str, *, api_key: str | None = None) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss"):
             raise ValueError(f"WebSocket URL {url!r}: use ws://host:port/ws or wss://…")
         self.url = url
-        self.name = f"websocket {url}"
+        self.api_key = api_key  # exchanged for a new token before each connection
+        self.name = f"websocket {urlunsplit(parts._replace(query=''))}"  # no ?token= shown
 
     @contextlib.asynccontextmanager
     async def connect(self) -> AsyncIterator[WsConnection]:
         async with aiohttp.ClientSession() as http:
             try:
-                ws = await http.ws_connect(self.url, heartbeat=20, max_msg_size=0)
+                ws = await access.ws_connect(http, self.url, self.api_key, heartbeat=20,
+                                             max_msg_size=0)
             except (aiohttp.ClientError, OSError) as e:
                 raise ConnectionError(f"WebSocket: {e}") from e
             async with ws:

@@ -19,6 +19,7 @@ from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaPlayer
 from aiortc.mediastreams import MediaStreamTrack, VideoStreamTrack
 
+from client import access
 from client.events import EventLog
 from client.wavio import last_voiced_sample
 from streaming.audio import Float32Array, float_to_pcm16, resample
@@ -108,14 +109,17 @@ def camera_track(path: str | Path) -> MediaStreamTrack:
 
 
 class WebRtcClient(EventLog):
-    """One WebRTC session against ``POST {base_url}/offer``."""
+    """One WebRTC session against ``POST {base_url}/offer`` (with ``api_key``: with a token
+    minted for it, client/access.py)."""
 
     def __init__(self, base_url: str, *, camera: MediaStreamTrack | None = None,
                  language: str | None = None, host_addresses: list[str] | None = None,
                  on_event: Callable[[dict[str, Any]], None] | None = None,
-                 echo_cancellation: bool = True, report_playback: bool = True) -> None:
+                 echo_cancellation: bool = True, report_playback: bool = True,
+                 api_key: str | None = None) -> None:
         super().__init__(on_event)
         self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
         self.echo_cancellation = echo_cancellation  # False: the server removes the echo
         self.report_playback = report_playback
         self._voiced_bytes: dict[int, int] = {}  # turn → its audio up to the last sound
@@ -131,6 +135,14 @@ class WebRtcClient(EventLog):
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> WebRtcClient:
+        try:
+            await self._open()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def _open(self) -> None:
         pc = self.pc
         self._channel = pc.createDataChannel(EVENTS_LABEL)
         self._channel.on("message", self._on_message)
@@ -154,15 +166,20 @@ class WebRtcClient(EventLog):
         await pc.setLocalDescription(await pc.createOffer())
         body = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
                 "language": self.language, "echo_cancellation": self.echo_cancellation}
-        async with aiohttp.ClientSession() as http, \
-                http.post(f"{self.base_url}/offer", json=body) as resp:
-            answer = await resp.json()
-            if resp.status != 200:
-                raise ConnectionError(f"offer refused ({resp.status}): {answer}")
+
+        async def offer(headers: dict[str, str]) -> dict[str, Any]:
+            async with http.post(f"{self.base_url}/offer", json=body, headers=headers) as resp:
+                if resp.status == 401:
+                    raise access.Unauthorized
+                answer: dict[str, Any] = await resp.json()
+                if resp.status != 200:
+                    raise ConnectionError(f"offer refused ({resp.status}): {answer}")
+                return answer
+        async with aiohttp.ClientSession() as http:
+            answer = await access.authorized(http, self.base_url, self.api_key, offer)
         self.session_id = answer["session_id"]
         await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
         await self.wait_for(lambda: self.ready is not None, timeout_s=30)
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()

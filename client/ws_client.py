@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from client import access
 from client.events import EventLog
 from client.wavio import last_voiced_sample
 from streaming.audio import Float32Array, float_to_pcm16, resample
@@ -20,12 +21,14 @@ PLAYBACK_EVERY_S = 0.2  # playback reports while a reply plays
 
 
 class VoxlensClient(EventLog):
-    """One WebSocket session. Events are collected as they arrive by a reader task."""
+    """One WebSocket session. Events are collected as they arrive by a reader task. With
+    ``api_key`` it connects with a token minted for the connection (client/access.py)."""
 
     def __init__(self, url: str, *, on_event: Callable[[dict[str, Any]], None] | None = None,
-                 report_playback: bool = True):
+                 report_playback: bool = True, api_key: str | None = None):
         super().__init__(on_event)
         self.url = url
+        self.api_key = api_key
         self.report_playback = report_playback
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -33,7 +36,11 @@ class VoxlensClient(EventLog):
 
     async def __aenter__(self) -> VoxlensClient:
         self._http = aiohttp.ClientSession()
-        self._ws = await self._http.ws_connect(self.url, max_msg_size=0)
+        try:
+            self._ws = await access.ws_connect(self._http, self.url, self.api_key, max_msg_size=0)
+        except BaseException:
+            await self._http.close()
+            raise
         self._tasks.append(asyncio.create_task(self._read()))
         if self.report_playback:
             self._tasks.append(asyncio.create_task(self._report_playback()))

@@ -126,6 +126,7 @@ class Session:
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
         self._started = False  # audio or text arrived: format can no longer change
+        self.last_input = clock()  # when the client last sent audio or a message (idle time)
         self._next_turn = 0
         self._held: Turn | None = None  # prepared at a tentative transcript, not released
         self._held_task: asyncio.Task[None] | None = None
@@ -151,6 +152,7 @@ class Session:
     def configure(self, *, input_rate: int, input_channels: int, output_rate: int,
                   language: str | None, instructions: str | None) -> None:
         """Apply ``session.start``; only before any audio or text."""
+        self.last_input = self.clock()
         if self._started:
             raise ProtocolError("session.start must come before any audio or text",
                                 code="bad_state")
@@ -167,10 +169,12 @@ class Session:
     async def push_audio(self, audio: Float32Array) -> None:
         """Queue 16 kHz mono audio; waits while the listener is behind. Cancelling drops it."""
         self._started = True
+        self.last_input = self.clock()
         await self._audio.put(audio)
 
     def push_frame(self, image: Image) -> None:
         """A camera frame (RGB); only the newest unread one is kept."""
+        self.last_input = self.clock()
         if self.looker is None:
             raise ProtocolError("vision is not enabled on this server", code="unsupported")
         self.looker.push(image)
@@ -180,10 +184,12 @@ class Session:
 
     def interrupt(self) -> None:
         """The client's stop: cut the reply now, whatever is playing or being prepared."""
+        self.last_input = self.clock()
         if self._audible() is not None:
             self._interrupt()
 
     def playback(self, played_ms: int, turn_id: int | None) -> None:
+        self.last_input = self.clock()
         if turn_id is None:
             if self._reply is None:
                 return
@@ -193,11 +199,24 @@ class Session:
     def submit_text(self, text: str) -> None:
         """A typed user turn; raises ProtocolError when typed turns arrive faster than handled."""
         self._started = True
+        self.last_input = self.clock()
         if not self._texts.put_nowait(text):
             raise ProtocolError("too many typed turns at once; wait for a reply", code="busy")
 
-    def close(self) -> None:
+    def close(self, error: Error | None = None) -> None:
+        """End the session; a fatal ``error`` (why the server ends it) is the client's last
+        event."""
+        if error is not None and not self._stop.is_set():
+            self._last_word(error)
         self._stop.set()
+
+    def _last_word(self, error: Error) -> None:
+        """Queue a fatal error even when the event queue is full (what is queued is dropped)."""
+        if self.events.closed:
+            return
+        if not self.events.put_nowait(error):
+            self.events.clear()
+            self.events.put_nowait(error)
 
     async def run(self) -> None:
         """Run the session until ``close()``. Cancelling it (or closing) cancels every task
@@ -218,10 +237,7 @@ class Session:
             pass
         except* Exception as group:  # a bug or a dead engine: tell the client, end this session
             log.error("session %s failed", self.session_id, exc_info=group)
-            fatal = Error("internal", "the session failed and was closed", True)
-            if not self.events.put_nowait(fatal):
-                self.events.clear()
-                self.events.put_nowait(fatal)
+            self._last_word(Error("internal", "the session failed and was closed", True))
         finally:
             self._tg = None
             self._audio.close()

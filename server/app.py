@@ -19,16 +19,19 @@ from pipelines.compute import Compute, Priority
 from pipelines.session import Engines
 from server.auth import AUTH, Auth, guard, tokens
 from server.engines import build_engines, session_config
+from server.limits import client_of, expire_session
 from server.mqtt import MQTT, setup_mqtt
 from server.rtc import offer, setup_webrtc, webrtc_config
 from server.settings import Settings
 from server.state import STATE, AppState, Busy
 from server.vision_api import vision_ask
-from streaming.protocol import MAX_IMAGE_MESSAGE_BYTES
+from streaming.events import Error
+from streaming.protocol import MAX_IMAGE_MESSAGE_BYTES, event_to_json
 from streaming.ws import WebSocketAdapter
 
 log = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parents[1] / "client" / "web"
+WS_TRY_AGAIN_LATER = 1013  # the close code after a refusal (busy, rate_limited, not_ready)
 
 
 EngineFactory = Callable[[Settings, Compute], Engines]
@@ -65,19 +68,29 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                                  status=503)
     ws = web.WebSocketResponse(max_msg_size=MAX_IMAGE_MESSAGE_BYTES + 65536, heartbeat=30)
     await ws.prepare(request)
+    # refusals come after the upgrade, as a fatal `error` event: a browser cannot read the
+    # status or body of a refused handshake, so this is the only way its page learns why
+    client = client_of(request)
     try:
-        session = state.open_session("ws")
+        session = state.open_session("ws", client)
     except Busy as e:
-        await ws.send_json({"type": "error", "code": e.code, "message": e.message, "fatal": True})
-        await ws.close(code=1013, message=b"busy")
+        if e.status == 429:
+            log.info("refused a WebSocket session of %s: %s", client, e.code)
+        await ws.send_json(event_to_json(Error(e.code, e.message, True, e.retry_after)))
+        await ws.close(code=WS_TRY_AGAIN_LATER, message=e.code.encode())
         return ws
     log.info("session %s opened over WebSocket (%s)", session.session_id, request.remote)
     try:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(session.run())
+            expiry = tg.create_task(expire_session(session, state.settings.limits))
             b = state.settings.bargein
-            await WebSocketAdapter(ws, session, lead_ms=b.lead_ms,
-                                   client_buffer_ms=b.client_buffer_ms).run()
+            try:
+                await WebSocketAdapter(ws, session, lead_ms=b.lead_ms,
+                                       client_buffer_ms=b.client_buffer_ms,
+                                       limits=state.limits.message_limits()).run()
+            finally:
+                expiry.cancel()
     finally:
         state.forget(session)
         await ws.close()

@@ -87,6 +87,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_talk(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    from client.access import AccessError, api_key
     from client.events import EventLog
     from client.wavio import read_wav, write_wav
 
@@ -110,7 +113,7 @@ def cmd_talk(args: argparse.Namespace) -> int:
     async def over_websocket() -> int:
         from client.ws_client import VoxlensClient
 
-        async with VoxlensClient(args.url, on_event=show) as client:
+        async with VoxlensClient(args.url, on_event=show, api_key=key) as client:
             if args.language or args.output_rate:
                 fields: dict[str, Any] = {"language": args.language}
                 if args.output_rate:
@@ -128,7 +131,8 @@ def cmd_talk(args: argparse.Namespace) -> int:
         base = base.removesuffix("/ws")
         camera = camera_track(args.image) if args.image else None
         async with WebRtcClient(base, camera=camera, language=args.language,
-                                host_addresses=args.ice_host or None, on_event=show) as client:
+                                host_addresses=args.ice_host or None, on_event=show,
+                                api_key=key) as client:
             async def say(text: str) -> None:
                 client.say_text(text)
             return await converse(client, client.speak, say)
@@ -136,20 +140,30 @@ def cmd_talk(args: argparse.Namespace) -> int:
     if not args.wav and not args.text:
         print("error: give --wav FILE and/or --text TEXT", file=sys.stderr)
         return 2
-    return asyncio.run(over_webrtc() if args.transport == "webrtc" else over_websocket())
+    key = api_key(args.api_key)
+    try:
+        return asyncio.run(over_webrtc() if args.transport == "webrtc" else over_websocket())
+    except AccessError as e:  # the server wants a key, or refused the one given
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ConnectionError, aiohttp.ClientError) as e:
+        print(f"error: could not talk to {args.url}: {e or type(e).__name__}", file=sys.stderr)
+        return 1
 
 
 def cmd_desktop(args: argparse.Namespace) -> int:
+    from client.access import api_key
     from client.desktop import DesktopOptions, main
 
     camera: int | Path | None = None if args.no_camera else (args.camera_file or args.camera)
     options = DesktopOptions(url=args.url, language=args.language, camera=camera,
                              mic_file=args.mic_file, record=args.record,
-                             ice_hosts=args.ice_host or [])
+                             ice_hosts=args.ice_host or [], api_key=api_key(args.api_key))
     return main(options, headless=args.headless)
 
 
 def cmd_speaker(args: argparse.Namespace) -> int:
+    from client.access import AccessError, api_key
     from client.links import Link, MqttLink, WsLink
     from client.speaker import AudioIO, FileAudio, SoundDevices, Speaker, SpeakerOptions, sounddevice
 
@@ -163,9 +177,13 @@ def cmd_speaker(args: argparse.Namespace) -> int:
     if args.push_to_talk and args.input_file:
         print("error: --push-to-talk needs the microphone, not --input-file", file=sys.stderr)
         return 2
+    if args.mqtt and args.api_key:
+        print("error: --api-key is for the WebSocket; over MQTT the broker's password in the "
+              "--mqtt URL lets the device in", file=sys.stderr)
+        return 2
     link: Link = (MqttLink(args.mqtt, args.device, prefix=args.prefix, sequence=args.sequence,
                            ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
-                  if args.mqtt else WsLink(args.url))
+                  if args.mqtt else WsLink(args.url, api_key=api_key(args.api_key)))
     options = SpeakerOptions(input_rate=args.rate, output_rate=args.output_rate,
                              language=args.language, push_to_talk=args.push_to_talk,
                              prebuffer_ms=args.prebuffer_ms, json_events=args.json,
@@ -186,6 +204,8 @@ def cmd_speaker(args: argparse.Namespace) -> int:
             audio = devices
         status = asyncio.run(Speaker(link, audio, options).run())
     except* RuntimeError as group:  # the sound devices (also when they fail later)
+        print(f"error: {group.exceptions[0]}", file=sys.stderr)
+    except* AccessError as group:  # the server refused the key (or wants one)
         print(f"error: {group.exceptions[0]}", file=sys.stderr)
     except* KeyboardInterrupt:
         status = 0
@@ -229,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ice-host", action="append", metavar="ADDR",
                    help="webrtc: offer ICE host candidates on this address only (repeatable)")
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--api-key", metavar="KEY", help="access key of a server that needs one "
+                   "(default: env VOXLENS_API_KEY); a new token is minted with it for each "
+                   "connection")
     p.set_defaults(func=cmd_talk)
 
     p = sub.add_parser("desktop", help="the desktop app: microphone, camera and speaker over "
@@ -244,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--headless", action="store_true", help="no window: print events as JSON lines")
     p.add_argument("--ice-host", action="append", metavar="ADDR",
                    help="offer ICE host candidates on this address only (repeatable)")
+    p.add_argument("--api-key", metavar="KEY", help="access key of a server that needs one "
+                   "(default: env VOXLENS_API_KEY); a new token is minted with it for each "
+                   "connection")
     p.set_defaults(func=cmd_desktop)
 
     p = sub.add_parser("speaker", help="the smart-speaker / car client: microphone and speaker "
@@ -277,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print every event as a JSON line")
     p.add_argument("--timeout", type=float, default=120.0, help="--input-file: give up after "
                    "this many seconds")
+    p.add_argument("--api-key", metavar="KEY", help="WebSocket: access key of a server that "
+                   "needs one (default: env VOXLENS_API_KEY); a new token is minted with it for "
+                   "each connection")
     p.set_defaults(func=cmd_speaker)
 
     p = sub.add_parser("transcribe", help="transcribe (or translate into English) audio and "

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
 from pipelines.session import Session
+from server.limits import client_of, expire_session, refusal
 from server.settings import Settings
 from server.state import STATE, AppState, Busy
 from streaming.errors import ProtocolError
@@ -49,12 +51,13 @@ async def offer(request: web.Request) -> web.Response:
     except ProtocolError as e:
         return _error(413 if e.code == "too_large" else 400, e.code, e.message)
     try:
-        session = state.open_session("webrtc")
+        session = state.open_session("webrtc", client_of(request))
     except Busy as e:
-        return _error(503, e.code, e.message)
+        return refusal(e)  # 429 busy|rate_limited: this client's limits; 503: the server's
     pc = RTCPeerConnection(_configuration(state.settings))
     adapter = WebRtcAdapter(pc, session, client_aec=req.echo_cancellation,
-                            client_buffer_ms=state.settings.bargein.client_buffer_ms)
+                            client_buffer_ms=state.settings.bargein.client_buffer_ms,
+                            limits=state.limits.message_limits())
     try:
         session.configure(input_rate=16_000, input_channels=1, output_rate=OUT_RATE,
                           language=req.language, instructions=req.instructions)
@@ -65,7 +68,7 @@ async def offer(request: web.Request) -> web.Response:
         await pc.setLocalDescription(await pc.createAnswer())
     except Exception as e:  # garbage SDP surfaces as many exception types inside aiortc
         state.forget(session)
-        await pc.close()
+        await _close_refused(pc)
         message = e.message if isinstance(e, ProtocolError) else f"cannot use this offer: {e}"
         log.info("offer refused: %s", message)
         return _error(400, "bad_offer", message)
@@ -75,12 +78,31 @@ async def offer(request: web.Request) -> web.Response:
                               "session_id": session.session_id})
 
 
+async def _close_refused(pc: RTCPeerConnection) -> None:
+    """Close the peer connection of a refused offer. On a half-built one aiortc's close() can
+    itself fail (an SCTP transport that never got its DTLS transport, after an offer whose
+    BUNDLE group names an unknown mid): then stop the transports it left running."""
+    try:
+        await pc.close()
+    except Exception as e:
+        log.info("closing a refused peer connection: %r", e)
+        for transceiver in pc.getTransceivers():
+            with contextlib.suppress(Exception):
+                await transceiver.receiver.transport.stop()
+            with contextlib.suppress(Exception):
+                await transceiver.receiver.transport.transport.stop()
+
+
 async def _run(state: AppState, session: Session, adapter: WebRtcAdapter) -> None:
     """The life of one WebRTC session; ends when the peer or the session goes."""
     try:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(session.run())
-            await adapter.run()
+            expiry = tg.create_task(expire_session(session, state.settings.limits))
+            try:
+                await adapter.run()
+            finally:
+                expiry.cancel()
     finally:
         state.forget(session)
         log.info("session %s closed", session.session_id)

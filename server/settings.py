@@ -95,6 +95,28 @@ class AuthSettings(_Section):
         return bool(self.api_keys) or self.api_keys_file is not None
 
 
+class LimitSettings(_Section):
+    """Per-client limits (README "Deploying safely"): a client is an access key (its tokens
+    included) when keys are configured, else a remote address. 0 turns a limit off."""
+
+    sessions_per_client: int = Field(4, ge=0, description="WebSocket/WebRTC sessions one "
+                                     "client may hold at once; more get 'busy'")
+    connections_per_minute: int = Field(30, ge=0, description="new sessions a client may "
+                                        "open per minute (a burst of this many, then one "
+                                        "every 60/N s); more get 'rate_limited'")
+    texts_per_second: float = Field(1.0, ge=0, description="typed turns per session per "
+                                    "second (bursts of 3 s' worth, at least 3)")
+    images_per_second: float = Field(2.0, ge=0, description="image messages per session per "
+                                     "second (bursts of 3 s' worth, at least 3)")
+    vision_asks_per_client: int = Field(2, ge=0, description="/v1/vision/ask requests one "
+                                        "client may have running at once; more get 429")
+    max_session_s: float = Field(3600.0, ge=0, description="longest session; then it is "
+                                 "closed with 'session_expired'")
+    idle_timeout_s: float = Field(300.0, ge=0, description="a session without audio or "
+                                  "messages from its client for this long is closed with "
+                                  "'idle_timeout'")
+
+
 class ModelSettings(_Section):
     cache_dir: Path | None = Field(None, description="assembled models; default: user cache dir")
 
@@ -274,6 +296,7 @@ class Settings(BaseSettings):
 
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
+    limits: LimitSettings = LimitSettings()
     models: ModelSettings = ModelSettings()
     vad: VadSettings = VadSettings()
     bargein: BargeInSettings = BargeInSettings()

@@ -13,15 +13,11 @@ from aiohttp import web
 
 from pipelines.compute import Compute
 from pipelines.session import Engines, Session, SessionConfig
+from server.limits import Busy as Busy  # (refusals live with the limits; re-exported here)
+from server.limits import ClientLimits
 from server.settings import Settings
-from streaming.errors import VoxlensError
 
 log = logging.getLogger(__name__)
-
-
-class Busy(VoxlensError):
-    code = "busy"
-    recoverable = False
 
 
 class Supervisor:
@@ -60,12 +56,25 @@ class AppState:
     sessions: dict[str, Session] = field(default_factory=dict)
     transports: dict[str, str] = field(default_factory=dict)  # id → "ws" | "webrtc" | "mqtt"
     supervisor: Supervisor = field(default_factory=Supervisor)
+    clients: dict[str, str] = field(default_factory=dict)  # id → client, per-client sessions
+    limits: ClientLimits = field(init=False)
 
-    def open_session(self, transport: str) -> Session:
+    def __post_init__(self) -> None:
+        self.limits = ClientLimits(self.settings.limits)
+
+    def open_session(self, transport: str, client: str | None = None) -> Session:
         """A new registered session; raises Busy at the session limit or when the machine is
-        saturated (urgent model work already waits too long)."""
+        saturated (urgent model work already waits too long), and, for a ``client``
+        (``server.limits.client_of``; WebSocket and WebRTC name one, MQTT devices do not),
+        at that client's connection rate or session limit."""
         if self.engines is None:
             raise Busy("models are still loading", code="not_ready")
+        if client is not None:
+            try:
+                self.limits.admit(client)
+            except Busy:
+                self.compute.metrics.refused.inc()
+                raise
         if len(self.sessions) >= self.settings.server.max_sessions:
             self.compute.metrics.refused.inc()
             raise Busy("the server is at its session limit; try again later")
@@ -76,6 +85,9 @@ class AppState:
         session.on_metrics = self.compute.metrics.turn
         self.sessions[session.session_id] = session
         self.transports[session.session_id] = transport
+        if client is not None:
+            self.clients[session.session_id] = client
+            self.limits.opened(client)
         self.compute.metrics.sessions.labels(transport).inc()
         return session
 
@@ -83,6 +95,9 @@ class AppState:
         session.close()
         if self.sessions.pop(session.session_id, None) is not None:
             self.compute.metrics.sessions.labels(self.transports.pop(session.session_id)).dec()
+            client = self.clients.pop(session.session_id, None)
+            if client is not None:
+                self.limits.closed(client)
 
 
 STATE = web.AppKey("state", AppState)

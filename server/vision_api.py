@@ -9,13 +9,15 @@ that observation alone.
 from __future__ import annotations
 
 import asyncio
-import json
+import zlib
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from pipelines.compute import Priority
 from pipelines.engines.base import ChatMessage
 from pipelines.vision import VisualMemory
+from server.limits import Busy, client_of, refusal
 from server.state import STATE
 from streaming.errors import ProtocolError, VoxlensError
 from streaming.images import MAX_BYTES, decode_base64_image, decode_image
@@ -37,20 +39,28 @@ async def _read(request: web.Request) -> tuple[str | bytes, str]:
     if request.content_type.startswith("multipart/"):
         image: bytes | None = None
         question = ""
-        reader = await request.multipart()
-        async for part in reader:
-            if not isinstance(part, BodyPartReader):
-                continue
-            if part.name == "image":
-                image = bytes(await part.read(decode=True))
-            elif part.name == "question":
-                question = (await part.text())[:MAX_QUESTION + 1]
+        try:
+            reader = await request.multipart()
+            async for part in reader:
+                if not isinstance(part, BodyPartReader):
+                    continue
+                if part.name == "image":
+                    image = bytes(await part.read(decode=True))
+                elif part.name == "question":
+                    question = (await part.text())[:MAX_QUESTION + 1]
+        # what aiohttp's multipart reader raises on a malformed body: no or wrong boundary
+        # (ValueError), an unknown charset (LookupError) or encoding (RuntimeError), bad
+        # compressed data (zlib.error), too many part headers (HttpProcessingError)
+        except (ValueError, LookupError, RuntimeError, zlib.error, HttpProcessingError) as e:
+            raise ProtocolError(f"malformed multipart request: {e}") from e
         if image is None:
             raise ProtocolError('multipart request needs an "image" file part')
         return image, question
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    # ValueError: not JSON, not in its charset, or a number too long; LookupError: an unknown
+    # charset; RecursionError: nested too deeply
+    except (ValueError, LookupError, RecursionError) as e:
         raise ProtocolError(f"request is neither multipart nor valid JSON: {e}") from e
     if not isinstance(body, dict) or not isinstance(body.get("image"), str):
         raise ProtocolError('JSON request needs "image": a data URL or base64 string')
@@ -61,6 +71,16 @@ async def _read(request: web.Request) -> tuple[str | bytes, str]:
 
 
 async def vision_ask(request: web.Request) -> web.Response:
+    """At most ``limits.vision_asks_per_client`` at once per client (429 ``busy`` beyond),
+    held from before the upload is read until the answer."""
+    try:
+        with request.app[STATE].limits.vision_ask(client_of(request)):
+            return await _vision_ask(request)
+    except Busy as e:
+        return refusal(e)
+
+
+async def _vision_ask(request: web.Request) -> web.Response:
     state = request.app[STATE]
     engines = state.engines
     if engines is None:

@@ -12,6 +12,7 @@ class VoxlensError(Exception):
 
     code: str = "internal"
     recoverable: bool = True
+    retry_after: float | None = None  # seconds, when trying again later may work (rate limits)
 
     def __init__(self, message: str, *, code: str | None = None, recoverable: bool | None = None):
         super().__init__(message)

@@ -96,6 +96,7 @@ class Error:
     code: str
     message: str
     fatal: bool = False
+    retry_after: float | None = None  # seconds (rate_limited); not sent when None
 
 
 Event = (

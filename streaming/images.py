@@ -74,7 +74,9 @@ def downscale(image: Image, side: int = KEEP_SIDE) -> Image:
     scale = side / max(h, w)
     if scale >= 1:
         return image
-    return np.asarray(cv2.resize(image, (round(w * scale), round(h * scale)),
+    # at least 1 pixel: a 2000×1 strip would otherwise become 640×0, which cv2.resize refuses
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(cv2.resize(image, size,
                                  interpolation=cv2.INTER_AREA), dtype=np.uint8)
 
 

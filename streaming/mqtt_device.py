@@ -47,6 +47,7 @@ from streaming.protocol import (
     event_to_json,
     parse_client_message,
 )
+from streaming.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +108,11 @@ class ErrorBudget:
 
     def __init__(self, burst: int = ERROR_BURST, rate: float = ERROR_RATE,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._burst, self._rate, self._clock = burst, rate, clock
-        self._tokens = float(burst)
-        self._at = clock()
+        self._bucket = TokenBucket(rate, burst, clock=clock)
         self.suppressed = 0
 
     def take(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
-        self._at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
+        if self._bucket.take():
             return True
         self.suppressed += 1
         return False

@@ -30,6 +30,10 @@ MAX_TEXT_MESSAGE_BYTES = 64 * 1024  # every text message but `image`
 MAX_IMAGE_MESSAGE_BYTES = 12 * 1024 * 1024
 MAX_AUDIO_MESSAGE_BYTES = 256 * 1024  # > 1 s of 48 kHz stereo s16le
 MAX_USER_TEXT_CHARS = 4000
+MAX_PLAYED_MS = 2**31 - 1  # `playback`: ~24 days of reply audio
+# json.loads raises these beyond JSONDecodeError: RecursionError for deep nesting ([[[[…),
+# ValueError for an integer of more than 4300 digits (sys.get_int_max_str_digits)
+UNUSABLE_JSON = "{} is not usable JSON: nested too deeply or a number too long"
 
 
 class _Message(BaseModel):
@@ -74,7 +78,9 @@ class Playback(_Message):
     """How much of a reply's audio the client has played out (its speaker position)."""
 
     type: Literal["playback"]
-    played_ms: int = Field(ge=0)
+    # bounded: JSON integers have no limit, and a float holds at most 1.8e308 (the session
+    # compares the report with the milliseconds it sent: float(10**309) raised OverflowError)
+    played_ms: int = Field(ge=0, le=MAX_PLAYED_MS)
     turn_id: int | None = None  # default: the reply playing now
 
 
@@ -108,6 +114,8 @@ def parse_offer(raw: bytes) -> Offer:
         obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(f"offer is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:
+        raise ProtocolError(UNUSABLE_JSON.format("offer")) from e
     if not isinstance(obj, dict):
         raise ProtocolError('offer must be a JSON object {"sdp": ..., "type": "offer"}')
     try:
@@ -136,6 +144,8 @@ def parse_client_message(raw: str) -> ClientMessage:
         obj = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ProtocolError(f"message is not valid JSON: {e.msg}") from e
+    except (ValueError, RecursionError) as e:
+        raise ProtocolError(UNUSABLE_JSON.format("message")) from e
     if not isinstance(obj, dict):
         raise ProtocolError("message must be a JSON object with a \"type\"")
     kind = obj.get("type")
@@ -190,8 +200,11 @@ def event_to_json(event: Event) -> dict[str, Any]:
                     "stages": {k: round(v, 1) for k, v in stages.items()}}
         case Scene(text, t_ms, engine):
             return {"type": "scene", "text": text, "t_ms": t_ms, "engine": engine}
-        case Error(code, message, fatal):
-            return {"type": "error", "code": code, "message": message, "fatal": fatal}
+        case Error(code, message, fatal, retry_after):
+            error: dict[str, Any] = {"type": "error", "code": code, "message": message, "fatal": fatal}
+            if retry_after is not None:
+                error["retry_after"] = round(retry_after, 1)
+            return error
         case ReplyAudio():
             raise TypeError("reply audio is sent as a binary message")
 

@@ -25,6 +25,7 @@ import numpy.typing as npt
 from aiortc import RTCDataChannel, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from streaming.channels import ChannelClosed
 from streaming.errors import ProtocolError, VoxlensError
 from streaming.events import Error, Event
 from streaming.images import KEEP_SIDE
@@ -37,6 +38,7 @@ from streaming.protocol import (
     encode_event,
     parse_client_message,
 )
+from streaming.ratelimit import MessageLimits
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +136,11 @@ class WebRtcAdapter:
     ``setRemoteDescription`` so it sees the peer's tracks and data channel."""
 
     def __init__(self, pc: RTCPeerConnection, session: SessionPort, *,
-                 client_aec: bool = True, client_buffer_ms: int = JITTER_BUFFER_MS) -> None:
+                 client_aec: bool = True, client_buffer_ms: int = JITTER_BUFFER_MS,
+                 limits: MessageLimits | None = None) -> None:
         self.pc = pc
         self.session = session
+        self.limits = limits or MessageLimits()  # typed turns per second
         self.playout = Playout(OUT_RATE, client_buffer_ms=client_buffer_ms, client_aec=client_aec)
         session.attach_playout(self.playout)
         self.reply = ReplyTrack(self.playout, self._send)
@@ -181,7 +185,9 @@ class WebRtcAdapter:
         try:
             if isinstance(raw, bytes):
                 raise ProtocolError("the events channel takes JSON text only")
-            match apply_client_message(parse_client_message(raw), self.session):
+            message = parse_client_message(raw)
+            self.limits.check(message)
+            match apply_client_message(message, self.session):
                 case SessionStart():
                     raise ProtocolError("over WebRTC, send language and instructions with the "
                                         "offer; media formats are negotiated by WebRTC",
@@ -192,7 +198,13 @@ class WebRtcAdapter:
                 case SessionEnd():
                     self._done.set()
         except VoxlensError as e:
-            self._send(Error(e.code, e.message, not e.recoverable))
+            self._send(Error(e.code, e.message, not e.recoverable, e.retry_after))
+        except ChannelClosed:  # the session ended (session.end just before, or the server
+            pass  # ended it) while the peer's messages were still arriving: they are moot
+        except Exception:  # a bug: raised into aiortc it would leave the channel deaf, silently
+            log.exception("session %s: a data channel message failed", self.session.session_id)
+            self._send(Error("internal", "the session failed and was closed", True))
+            self._done.set()
 
     async def run(self) -> None:
         """Pump media and events until the peer leaves, the session ends, or the peer sends
@@ -225,7 +237,10 @@ class WebRtcAdapter:
         async for pcm in mono_pcm(track, 16_000):
             audio = self.playout.mic(pcm.astype(np.float32) / 32768.0)
             if audio.size:
-                await self.session.push_audio(audio)
+                try:
+                    await self.session.push_audio(audio)
+                except ChannelClosed:  # the session ended under it (the server closed it)
+                    return
 
     async def _video_in(self, track: MediaStreamTrack) -> None:
         """Read every frame (so aiortc's queue never grows), keep only the newest, and hand

@@ -25,6 +25,7 @@ from streaming.protocol import (
     encode_event,
     parse_client_message,
 )
+from streaming.ratelimit import MessageLimits, RateLimited
 
 log = logging.getLogger(__name__)
 MAX_BAD_MESSAGES = 20  # a client that keeps sending garbage is disconnected
@@ -34,9 +35,11 @@ LEAD_MS = 200  # reply audio sent ahead of real time (the client's playout buffe
 
 class WebSocketAdapter:
     def __init__(self, ws: web.WebSocketResponse, session: SessionPort, *,
-                 lead_ms: int = LEAD_MS, client_buffer_ms: int = 100) -> None:
+                 lead_ms: int = LEAD_MS, client_buffer_ms: int = 100,
+                 limits: MessageLimits | None = None) -> None:
         self.ws = ws
         self.session = session
+        self.limits = limits or MessageLimits()  # typed turns and images per second
         self.lead_ms = lead_ms
         self.audio = ClientAudio(session, client_buffer_ms=client_buffer_ms)
         self.playout = self.audio.playout
@@ -53,6 +56,10 @@ class WebSocketAdapter:
             pumps = [tg.create_task(self._send_events()), tg.create_task(self._send_audio())]
             try:
                 await self._receive()
+            # the server ended the session (idle, too long) or the client left while one of
+            # its messages was being handled or answered: nothing more to do for it
+            except (ChannelClosed, ConnectionResetError):
+                pass
             finally:
                 self.session.close()
                 for pump in pumps:
@@ -104,8 +111,9 @@ class WebSocketAdapter:
                     return
 
     async def _reject(self, e: VoxlensError) -> None:
-        self._bad += 1
-        await self._send(Error(e.code, e.message, not e.recoverable))
+        if not isinstance(e, RateLimited):  # a fast client is not a broken one
+            self._bad += 1
+        await self._send(Error(e.code, e.message, not e.recoverable, e.retry_after))
 
     async def _on_audio(self, data: bytes) -> None:
         check_audio_message(data)
@@ -113,7 +121,9 @@ class WebSocketAdapter:
 
     async def _on_text(self, raw: str) -> bool:
         """Handle one client message; False when the client ended the session."""
-        match apply_client_message(parse_client_message(raw), self.session):
+        message = parse_client_message(raw)
+        self.limits.check(message)
+        match apply_client_message(message, self.session):
             case SessionStart() as m:
                 if m.audio.sequence or m.output_audio.sequence:
                     raise ProtocolError("sequence-numbered audio is for MQTT; a WebSocket "

@@ -1,5 +1,7 @@
 // voxlens web page: microphone (+ optional camera) over WebRTC to POST /offer,
-// events over the "events" data channel (docs/PROTOCOL.md). No build step.
+// events over the "events" data channel (docs/PROTOCOL.md). When the server needs an access
+// key, the page asks for it once, keeps it, and connects with a token minted from it for each
+// connection (POST /v1/tokens; PROTOCOL.md, "Access"). No build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -19,6 +21,11 @@ const LABELS = {
     latency: (ms) => `voice-to-voice (server): ${ms} ms`,
     ms: (ms) => `${ms} ms`,
     nextConnect: "The new language is used from the next connection: press Disconnect, then Connect.",
+    forgetKey: "Forget key", forgetKeyTitle: "Remove the access key kept in this browser",
+    keyTitle: "Access key needed",
+    keyHelp: "This voxlens server needs an access key. Ask the person who runs it for one; " +
+      "this browser keeps it until you press “Forget key”.",
+    keyLabel: "Access key", keyUse: "Connect", keyCancel: "Cancel",
     state: {
       notConnected: "not connected", connecting: "connecting…", listening: "listening",
       hearing: "listening…", thinking: "thinking…", speaking: "speaking",
@@ -33,6 +40,8 @@ const LABELS = {
       noDevice: (detail) => "No microphone (or camera) could be opened: " + detail,
       lost: "The connection to the assistant was lost. Press Connect to start again.",
       unreachable: "The assistant could not be reached. Is the server running?",
+      needKey: "This server needs an access key. Press Connect to enter it.",
+      badKey: "The server did not accept this access key. Check it and enter it again.",
       other: (detail) => detail || "Something went wrong.",
     },
   },
@@ -46,6 +55,10 @@ const LABELS = {
     latency: (ms) => `语音到语音（服务器）：${ms} 毫秒`,
     ms: (ms) => `${ms} 毫秒`,
     nextConnect: "新的语言在下次连接时生效：请先按“断开”，再按“连接”。",
+    forgetKey: "忘记密钥", forgetKeyTitle: "删除此浏览器保存的访问密钥",
+    keyTitle: "需要访问密钥",
+    keyHelp: "这个 voxlens 服务器需要访问密钥。请向管理它的人索取；此浏览器会保存密钥，直到你按“忘记密钥”。",
+    keyLabel: "访问密钥", keyUse: "连接", keyCancel: "取消",
     state: {
       notConnected: "未连接", connecting: "正在连接…", listening: "正在听",
       hearing: "正在听…", thinking: "正在思考…", speaking: "正在说话",
@@ -60,6 +73,8 @@ const LABELS = {
       noDevice: (detail) => "无法打开麦克风（或摄像头）：" + detail,
       lost: "与助手的连接已断开。请按“连接”重新开始。",
       unreachable: "无法连接到助手。服务器在运行吗？",
+      needKey: "这个服务器需要访问密钥。请按“连接”输入密钥。",
+      badKey: "服务器不接受这个访问密钥。请检查后重新输入。",
       other: (detail) => (detail ? "出了问题：" + detail : "出了问题。"),
     },
   },
@@ -67,6 +82,7 @@ const LABELS = {
 // server error codes that have plain words of their own (the others show the server's message)
 const PLAIN_CODES = ["busy", "not_ready", "engine_failed", "internal"];
 const LANGUAGE_KEY = "voxlens.language";  // localStorage: the picker's last choice
+const ACCESS_KEY = "voxlens.key";  // localStorage: the access key given, until "Forget key"
 
 // State the page exposes for people (the DOM) and for tests (window.voxlens).
 const vx = (window.voxlens = {
@@ -74,6 +90,7 @@ const vx = (window.voxlens = {
   scene: null, audioEnergy: 0, receivedMs: 0, playedMs: 0, interrupted: [], playbackReports: 0,
   language: null,  // the spoken language sent with the last offer (null: detected)
   labels: "en",  // the language of the page's labels
+  keyPrompts: 0, tokens: 0,  // times the page asked for an access key; tokens minted
 });
 
 let pc = null, channel = null, micStream = null, camStream = null, statsTimer = null;
@@ -81,17 +98,23 @@ let pc = null, channel = null, micStream = null, camStream = null, statsTimer = 
 // energy at reply.started (its first sound is when the energy starts growing again).
 let replyTurn = null, replyStartMs = null, replyEnergy = 0;
 // What the labels say, kept so that a change of language can write them again.
-let stateLabel = "notConnected", errorShown = null, latencyMs = null;
+let stateLabel = "notConnected", errorShown = null, latencyMs = null, keyError = null;
+let accessKey = null;  // the access key, where the browser's storage is off
 
 const words = () => LABELS[vx.labels];
 const pickedLanguage = () => $("language").value || null;
 
-function stored() {
-  try { return localStorage.getItem(LANGUAGE_KEY); } catch (e) { return null; }  // storage off
+function stored(name) {
+  try { return localStorage.getItem(name); } catch (e) { return null; }  // storage off
 }
 
-function store(value) {
-  try { localStorage.setItem(LANGUAGE_KEY, value); } catch (e) { /* storage off: not kept */ }
+// Keep (or with null, remove) a value; false when the browser's storage is off.
+function store(name, value) {
+  try {
+    if (value === null) localStorage.removeItem(name);
+    else localStorage.setItem(name, value);
+    return true;
+  } catch (e) { return false; }
 }
 
 function setState(state, label) {
@@ -121,6 +144,94 @@ function plainError(code, message) {
   return PLAIN_CODES.includes(code) ? [code] : ["other", message];
 }
 
+// ---- access key and tokens (docs/PROTOCOL.md, "Access: keys, tokens, origins") ----------
+
+const keptKey = () => stored(ACCESS_KEY) || accessKey;
+
+function showForgetKey() {
+  $("forget-key").hidden = !keptKey();
+}
+
+function keepKey(key) {
+  accessKey = store(ACCESS_KEY, key) ? null : key;
+  showForgetKey();
+}
+
+function forgetKey() {
+  accessKey = null;
+  store(ACCESS_KEY, null);
+  showForgetKey();
+}
+
+function showKeyError(error) {
+  keyError = error;
+  const el = $("key-error");
+  el.textContent = error ? errorText(error) : "";
+  el.hidden = !error;
+  if (error) vx.errors.push(el.textContent);
+}
+
+// Ask the person for an access key (a modal dialog: focus in the field, Esc cancels); after a
+// refused key, saying so. Resolves to the key, or null when they cancel.
+function askForKey(refused) {
+  const dialog = $("key-dialog"), input = $("key-input");
+  showKeyError(refused ? ["badKey"] : null);
+  input.value = "";
+  dialog.returnValue = "";
+  vx.keyPrompts += 1;
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => {
+      const key = input.value.trim();
+      input.value = "";
+      resolve(dialog.returnValue === "use" && key ? key : null);
+    }, { once: true });
+    dialog.showModal();
+  });
+}
+
+// POST /v1/tokens with `key` (or none): {token} ("" from a server without /v1/tokens), or
+// {refused: true} when the server wants a key or another one (401). Anything else throws.
+async function mint(key) {
+  const resp = await fetch("/v1/tokens", {
+    method: "POST", headers: key ? { Authorization: "Bearer " + key } : {},
+  });
+  if (resp.status === 401) return { refused: true };
+  if (resp.status === 404) return { token: "" };
+  const body = await resp.json().catch(() => ({}));
+  if (!resp.ok || typeof body.token !== "string") {
+    throw Object.assign(new Error(body.message || ""), { code: body.error || "http_" + resp.status });
+  }
+  vx.tokens += 1;
+  return { token: body.token };
+}
+
+// A new token for one connection, minted with the kept key (a server without keys mints one
+// without). When the server wants a key, the person is asked for one — again, saying why,
+// while the server refuses it — and the key it accepts is kept for the next time. null when
+// the person cancels.
+async function freshToken() {
+  let key = keptKey(), refused = false;
+  for (;;) {
+    const answer = await mint(key);
+    if (!answer.refused) {
+      if (key && key !== keptKey()) keepKey(key);
+      return answer.token;
+    }
+    if (key) {
+      refused = true;
+      if (key === keptKey()) forgetKey();  // a kept key that no longer works
+    }
+    key = await askForKey(refused);
+    if (key === null) return null;
+  }
+}
+
+function postOffer(body, token) {
+  const headers = { "Content-Type": "application/json" };
+  if (token) headers.Authorization = "Bearer " + token;
+  return fetch("/offer", { method: "POST", headers, body });
+}
+
 // Every label on the page in the labels' language, and the html lang attribute with them (it
 // picks the Chinese fonts and tells screen readers which voice to read with).
 function showLabels() {
@@ -138,6 +249,7 @@ function showLabels() {
   $("mute").textContent = $("mute").getAttribute("aria-pressed") === "true" ? w.unmute : w.mute;
   $("state").textContent = w.state[stateLabel];
   if (errorShown) $("error").textContent = errorText(errorShown);
+  if (keyError) $("key-error").textContent = errorText(keyError);
   $("latency").textContent = latencyMs === null ? w.latencyNone : w.latency(latencyMs);
   $("log").dataset.empty = w.empty;
   for (const li of document.querySelectorAll("#log li")) {
@@ -164,7 +276,7 @@ function chooseLanguage(value, remember) {
   }
   picker.value = value;
   vx.labels = value === "zh" ? "zh" : "en";
-  if (remember) store(value);
+  if (remember) store(LANGUAGE_KEY, value);
   showLabels();
 }
 
@@ -294,10 +406,30 @@ function waitForIce(peer, timeoutMs) {
   });
 }
 
+function failed(error, state) {
+  showError(error);
+  cleanup();
+  setState(state || "error", "notConnected");
+}
+
+// A failure to show: the page's own reason (e.key), the server's error code, or none reached.
+const failure = (e) => (e.key ? [e.key] : e.code ? plainError(e.code, e.message) : ["unreachable"]);
+
 async function connect() {
   showError(null);
   $("connect").disabled = true;
   setState("idle", "connecting");
+  let token;
+  try {
+    token = await freshToken();
+  } catch (e) {
+    failed(failure(e));
+    return;
+  }
+  if (token === null) {  // the person did not give a key
+    failed(["needKey"], "idle");
+    return;
+  }
   try {
     micStream = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
@@ -332,20 +464,20 @@ async function connect() {
   try {
     await pc.setLocalDescription(await pc.createOffer());
     await waitForIce(pc, 3000);
-    const resp = await fetch("/offer", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      // the browser cancels echo itself (getUserMedia echoCancellation), so the server need not
-      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer", language: vx.language,
-                             echo_cancellation: true }),
-    });
+    // the browser cancels echo itself (getUserMedia echoCancellation), so the server need not
+    const body = JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer",
+                                  language: vx.language, echo_cancellation: true });
+    let resp = await postOffer(body, token);
+    if (resp.status === 401) {  // the token expired on the way, or its key was removed: once more
+      token = await freshToken();
+      if (token === null) throw Object.assign(new Error(), { key: "needKey" });
+      resp = await postOffer(body, token);
+    }
     const answer = await resp.json();
     if (!resp.ok) throw Object.assign(new Error(answer.message), { code: answer.error });
     await pc.setRemoteDescription(answer);
   } catch (e) {
-    showError(e.code ? plainError(e.code, e.message) : ["unreachable"]);
-    cleanup();
-    setState("error", "notConnected");
+    failed(failure(e));
     return;
   }
   statsTimer = setInterval(pollStats, 250);
@@ -405,10 +537,17 @@ $("typed").onsubmit = (e) => {
 };
 // The labels change at once; the spoken language is sent with the next connection.
 $("language").onchange = () => chooseLanguage($("language").value, true);
+// The key stays out of this browser from now on (the next connection asks again if need be).
+$("forget-key").onclick = () => {
+  forgetKey();
+  $("connect").focus();
+};
 
 // ?language= picks the language of this visit (en, zh, another code, or auto) without
 // remembering it; otherwise the picker's last choice; otherwise Auto.
-const asked = params.has("language") ? params.get("language").trim().toLowerCase() : stored();
+const asked = params.has("language") ? params.get("language").trim().toLowerCase()
+  : stored(LANGUAGE_KEY);
 chooseLanguage(asked && asked !== "auto" ? asked : "", false);
+showForgetKey();
 if (params.get("camera") === "1") $("use-camera").checked = true;
 if (params.get("autostart") === "1") connect();

@@ -1,13 +1,15 @@
 """Deploying safely, against real servers on loopback: access keys and tokens on every protected
 endpoint, origin checks, the refusal to serve a public address without keys, HTTPS/WSS with a
-self-signed certificate, and logs without transcripts, replies or credentials."""
+self-signed certificate, the Python clients with a key (``--api-key``, ``VOXLENS_API_KEY``:
+a token for each connection, a clear error for a wrong key), and logs without transcripts,
+replies or credentials."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
-import ipaddress
+import contextlib
+import io
 import json
 import os
 import signal
@@ -17,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,15 +27,21 @@ from typing import Any
 import aiohttp
 import cv2
 import jwt
+import numpy as np
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from skimage import data as photos
 
+from client import access
+from client.links import Connection, Incoming, WsLink
 from client.rtc_client import MicrophoneTrack
+from client.speaker import FileAudio, Speaker, SpeakerOptions
+from client.wavio import read_wav, write_wav
 from client.ws_client import VoxlensClient
 from server.launch import ServerProcess, free_port, spawn_server
 from streaming.webrtc import EVENTS_LABEL, restrict_host_candidates
 from tests.conftest import ARTIFACTS, Server, speak, until
+from tests.tls import self_signed
 
 KEY = "vx-test-key-3b9f0c41d2a84e6f"
 FILE_KEY = "vx-file-key-one-77ad01c9"
@@ -312,33 +320,6 @@ def _answers(url: str, context: ssl.SSLContext | None = None) -> int | None:
 
 # ---- HTTPS / WSS -----------------------------------------------------------------------------
 
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and localhost, and its key (PEM files)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "voxlens test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 @dataclass
 class Tls:
     server: ServerProcess
@@ -412,6 +393,157 @@ async def test_a_typed_conversation_over_wss(tls: Tls, secure: Secure) -> None:
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await http.ws_connect(tls.wss, ssl=tls.trust)
         assert refused.value.status == 401
+
+
+# ---- the Python clients with a key (--api-key, VOXLENS_API_KEY) ---------------------------
+
+async def voxlens(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``voxlens ARGS`` as a child process (no VOXLENS_API_KEY unless ``env`` sets it): its
+    exit code, stdout and stderr."""
+    base = {k: v for k, v in os.environ.items() if k != "VOXLENS_API_KEY"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", *args, env={**base, **(env or {})},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 180)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def refused_cleanly(result: tuple[int, str, str], why: str) -> None:
+    """Exit code 1 and one ``error:`` line that says ``why``; no traceback."""
+    code, _, err = result
+    assert code == 1, err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and why in errors[0], err
+
+
+async def test_talk_with_an_api_key(secure: Secure) -> None:
+    talk = ("talk", "--url", secure.server.ws, "--text", TYPED, "--timeout", "60")
+    ok, wrong, none, wrong_rtc = await asyncio.gather(
+        voxlens(*talk, "--api-key", KEY),
+        voxlens(*talk, "--api-key", KEY + "x"),
+        voxlens(*talk),
+        voxlens(*talk, "--transport", "webrtc", "--ice-host", "127.0.0.1",
+                env={"VOXLENS_API_KEY": "k" * 30}))
+    code, out, err = ok
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[0]["type"] == "session.ready" and not any(e["type"] == "error" for e in events)
+    reply = next(e for e in events if e["type"] == "reply.done")["text"]
+    assert reply.strip()
+    secure.replies.append(reply)
+    refused_cleanly(wrong, "did not accept the access key")
+    refused_cleanly(none, "needs an access key")
+    refused_cleanly(wrong_rtc, "did not accept the access key")
+
+
+async def test_speaker_over_websocket_with_the_key_in_the_environment(  # type: ignore[no-untyped-def]
+        secure: Secure, voice, tmp_path: Path) -> None:
+    audio, rate = speak(voice, "What is the capital of Spain?")
+    wav, out = tmp_path / "question.wav", tmp_path / "reply.wav"
+    write_wav(wav, np.concatenate([np.zeros(rate // 2, np.float32), audio]), rate)
+    speaker = ("speaker", "--url", secure.server.ws, "--input-file", str(wav),
+               "--language", "en", "--json", "--timeout", "90")
+    ok, wrong = await asyncio.gather(
+        voxlens(*speaker, "--output-file", str(out), env={"VOXLENS_API_KEY": KEY}),
+        voxlens(*speaker, env={"VOXLENS_API_KEY": KEY + "x"}))
+    code, stdout, err = ok
+    assert code == 0, err
+    events = [json.loads(line) for line in stdout.splitlines()]
+    assert events[0]["type"] == "session.ready"
+    final = next(e for e in events if e["type"] == "transcript" and e["final"])["text"]
+    assert "capital of spain" in final.lower(), final
+    reply = next(e for e in events if e["type"] == "reply.done")["text"]
+    assert reply.strip()
+    secure.replies += [final, reply]
+    played, played_rate = read_wav(out)
+    assert played.size > played_rate // 2  # more than half a second of the reply was played
+    refused_cleanly(wrong, "did not accept the access key")
+
+
+class CutOnce:
+    """A link whose first connection drops as soon as the session is ready (a network drop)."""
+
+    def __init__(self, link: WsLink) -> None:
+        self.link, self.name, self.resend_start = link, link.name, link.resend_start
+        self.connects = 0
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[Connection]:
+        async with self.link.connect() as conn:
+            self.connects += 1
+            yield _Cut(conn) if self.connects == 1 else conn
+
+
+class _Cut:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.conn.send(message)
+
+    async def send_audio(self, pcm: bytes) -> None:
+        await self.conn.send_audio(pcm)
+
+    async def incoming(self) -> AsyncIterator[Incoming]:
+        async for item in self.conn.incoming():
+            yield item
+            if isinstance(item, dict) and item.get("type") == "session.ready":
+                raise ConnectionError("cut by the test")
+
+
+async def test_speaker_mints_a_token_for_each_connection(  # type: ignore[no-untyped-def]
+        secure: Secure, voice, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    minted: list[str] = []
+    real_mint = access.mint
+
+    async def counted(http: aiohttp.ClientSession, url: str, key: str) -> access.Token:
+        token = await real_mint(http, url, key)
+        minted.append(token.value)
+        return token
+    monkeypatch.setattr(access, "mint", counted)
+    audio, rate = speak(voice, "What is the capital of France?")
+    wav = tmp_path / "question.wav"
+    write_wav(wav, np.concatenate([np.zeros(rate // 2, np.float32), audio]), rate)
+    link = CutOnce(WsLink(secure.server.ws, api_key=KEY))
+    shown = io.StringIO()
+    speaker = Speaker(link, FileAudio(wav, None, 16000, 16000),
+                      SpeakerOptions(output_rate=16000, language="en"), out=shown)
+    assert await speaker.run() == 0
+    assert link.connects == 2 and len(minted) == 2  # reconnected by itself, with a new token
+    lines = shown.getvalue().splitlines()
+    assert any(line.startswith("assistant: ") for line in lines), lines
+    secure.minted += minted
+    secure.replies += [line.split(": ", 1)[1] for line in lines]
+
+
+async def test_desktop_with_an_api_key(secure: Secure, tmp_path: Path) -> None:
+    silence = tmp_path / "silence.wav"
+    write_wav(silence, np.zeros(16_000, np.float32), 16_000)
+    desktop = ("desktop", "--headless", "--url", secure.http, "--no-camera", "--mic-file",
+               str(silence), "--record", str(tmp_path / "reply.wav"), "--ice-host", "127.0.0.1")
+    refused_cleanly(await voxlens(*desktop, "--api-key", KEY + "x"),
+                    "did not accept the access key")
+    base = {k: v for k, v in os.environ.items() if k != "VOXLENS_API_KEY"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", *desktop, "--api-key", KEY, env=base,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(60):
+            while True:
+                line = await proc.stdout.readline()
+                assert line, "the desktop app ended before its session was ready"
+                if json.loads(line)["type"] == "session.ready":
+                    break
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
 
 
 # ---- privacy -------------------------------------------------------------------------------

@@ -46,3 +46,26 @@ def test_not_ready_until_models_load(state: AppState) -> None:
     with pytest.raises(Busy) as err:
         state.open_session("ws")
     assert err.value.code == "not_ready"
+
+
+def test_per_client_limits_at_the_registry() -> None:
+    settings = load_settings(limits={"sessions_per_client": 2, "connections_per_minute": 0})
+    compute = Compute()
+    state = AppState(settings, compute, session_config(settings),
+                     engines=Engines(FakeVad(), FakeAsr(), FakeLlm(), FakeTts()))
+    try:
+        first = state.open_session("ws", "key-a")
+        state.open_session("webrtc", "key-a")  # one rule for every transport
+        with pytest.raises(Busy) as err:
+            state.open_session("ws", "key-a")
+        assert err.value.code == "busy" and err.value.status == 429
+        assert b"voxlens_sessions_refused_total 1.0" in compute.metrics.render()
+        state.open_session("ws", "key-b")
+        for _ in range(3):  # MQTT devices name no client: not counted
+            state.open_session("mqtt")
+        state.forget(first)
+        state.forget(first)  # (twice is harmless)
+        state.open_session("ws", "key-a")
+        assert state.limits.sessions("key-a") == 2 and state.limits.sessions("key-b") == 1
+    finally:
+        compute.close()
