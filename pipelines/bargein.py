@@ -176,7 +176,7 @@ def endpoint_silence_ms(text: str, *, question_ms: int, normal_ms: int, incomple
     if (t.endswith((",", "...", "…", "-", "、", "，")) or last in TRAILING
             or any(joined.endswith(w) for w in TRAILING_ZH)):
         return incomplete_ms
-    if t.endswith(("?", "？")) or (HAN.search(t) and joined.endswith(QUESTION_ZH)):
+    if t.endswith(("?", "？")) or (HAN.search(t) and _asks(joined)):
         return question_ms
     return normal_ms
 
@@ -194,5 +194,14 @@ TRAILING = frozenset({
 TRAILING_ZH = ("嗯", "呃", "额", "那个", "这个", "就是", "然后", "还有", "和", "跟", "与", "或者",
                "还是", "但是", "可是", "不过", "而且", "所以", "因为", "如果", "比如", "的话",
                "就", "把", "在", "给", "对于", "关于", "我想", "我觉得")
-# a Mandarin transcript often has no question mark; a question particle at the end is one
-QUESTION_ZH = ("吗", "呢", "么", "多少", "几个", "哪里", "哪儿", "什么", "怎么样")
+# Mandarin marks a question with words, not intonation, and Whisper often ends one with "。"
+# ("蜘蛛有几条腿。"): an interrogative anywhere in it makes it a question
+QUESTION_ZH = ("吗", "呢", "几", "多少", "哪", "谁", "什么", "怎么", "为什么", "是不是", "有没有",
+               "多久", "多大", "多远", "多长")
+NOT_QUESTION_ZH = ("几乎", "没什么", "什么都", "谁都", "哪都", "多么")  # the words without asking
+
+
+def _asks(chars: str) -> bool:
+    for phrase in NOT_QUESTION_ZH:
+        chars = chars.replace(phrase, "")
+    return any(w in chars for w in QUESTION_ZH)

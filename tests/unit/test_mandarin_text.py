@@ -110,6 +110,9 @@ def test_said_between_gives_the_characters_of_a_stretch() -> None:
     ("嗯", 1100),
     ("因为", 1100),
     ("今天天气很好。", 500),
+    ("蜘蛛有几条腿。", 350),  # Whisper's full stop after a question: the question word says it
+    ("水在多少度的时候沸腾", 350),
+    ("甚至出现交易几乎停滞的情况", 500),  # 几乎 "almost" asks nothing
 ])
 def test_mandarin_endpoint_silence(text: str, expected: int) -> None:
     assert endpoint_silence_ms(text, **ENDPOINT) == expected
