@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -32,3 +35,17 @@ def self_signed(folder: Path, addresses: tuple[str, ...] = ("127.0.0.1",)) -> tu
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return cert_path, key_path
+
+
+def wait_serving(proc: subprocess.Popen[bytes], log: Path, answers: Callable[[], bool],
+                 timeout_s: float = 180) -> None:
+    """Wait until a TLS server process answers (``answers()``); fail with its log if it
+    exits or does not answer in time (``server.launch.spawn`` only probes plain HTTP)."""
+    deadline = time.monotonic() + timeout_s
+    while not answers():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"TLS server did not start:\n{log.read_text()[-3000:]}")
+        try:
+            proc.wait(0.3)
+        except subprocess.TimeoutExpired:
+            pass

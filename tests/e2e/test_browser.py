@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from playwright.async_api import TimeoutError as PlaywrightTimeout
 from client.wavio import read_wav, write_wav
 from server.launch import ServerProcess, free_port, spawn_server
 from tests.conftest import ARTIFACTS, speak
-from tests.tls import self_signed
+from tests.tls import self_signed, wait_serving
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -234,15 +233,9 @@ def tls_server(netns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     probe = (f"import ssl, urllib.request as u; u.urlopen({health!r}, timeout=2, "
              f"context=ssl.create_default_context(cafile={str(cert)!r}))")
     try:
-        deadline = time.monotonic() + 180
-        while subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", probe],
-                             capture_output=True).returncode != 0:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"TLS server did not start:\n{log.read_text()[-3000:]}")
-            try:
-                proc.wait(0.3)
-            except subprocess.TimeoutExpired:
-                pass
+        wait_serving(proc, log, lambda: subprocess.run(
+            ["ip", "netns", "exec", netns, sys.executable, "-c", probe],
+            capture_output=True).returncode == 0)
         yield server
     finally:
         server.stop()

@@ -41,7 +41,7 @@ from client.ws_client import VoxlensClient
 from server.launch import ServerProcess, free_port, spawn_server
 from streaming.webrtc import EVENTS_LABEL, restrict_host_candidates
 from tests.conftest import ARTIFACTS, Server, speak, until
-from tests.tls import self_signed
+from tests.tls import self_signed, wait_serving
 
 KEY = "vx-test-key-3b9f0c41d2a84e6f"
 FILE_KEY = "vx-file-key-one-77ad01c9"
@@ -354,14 +354,8 @@ def tls(secure: Secure, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tl
                                 stdout=out, stderr=subprocess.STDOUT)
     server = ServerProcess(port, proc, log)
     try:
-        deadline = time.monotonic() + 180
-        while _answers(f"https://127.0.0.1:{port}/healthz", trust) != 200:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"TLS server did not start:\n{log.read_text()[-3000:]}")
-            try:
-                proc.wait(0.3)
-            except subprocess.TimeoutExpired:
-                pass
+        wait_serving(proc, log,
+                     lambda: _answers(f"https://127.0.0.1:{port}/healthz", trust) == 200)
         yield Tls(server, trust)
     finally:
         server.stop()
