@@ -8,7 +8,11 @@ as the reference, through streaming.echo.EchoCanceller exactly as a session woul
 (10 ms steps; here the reference arrives 200 ms ahead, as over WebSocket). Prints the
 echo return loss enhancement (ERLE, over the second half, after convergence), what
 silero VAD still hears as voice in the cancelled echo, how much of a person's speech
-over the echo survives (voiced ms with and without the echo), and the real-time factor.
+over the echo survives (voiced ms with and without the echo), and the real-time factor
+(the CPU share of one session's echo handling while a reply plays). Then the alignment:
+a client playing the reply before or after the server's schedule, with the ERLE in the
+first second and after, the voice VAD still hears, and the echo similarity barge-in uses
+(streaming/echo.py) for the echo alone and for a person speaking over it.
 Then a client that sends microphone audio only while the person talks: the reply plays
 with no microphone audio coming, and the person's question follows after a pause (on a
 virtual clock); prints what of the question survives the canceller.
@@ -20,7 +24,8 @@ import time
 
 import numpy as np
 
-from client.acoustics import EchoRoom
+from client.acoustics import heard_in_room
+from pipelines.bargein import BargeInConfig
 from pipelines.engines.vad_silero import SileroVad
 from pipelines.models import silero_vad_path
 from streaming.audio import Float32Array, float_to_pcm16, resample
@@ -47,28 +52,29 @@ def voiced_ms(vad: SileroVad, x: Float32Array) -> int:
     return 32 * sum(s(x[i:i + 512]) >= 0.5 for i in range(0, x.size - 511, 512))
 
 
-def run(reply: Float32Array, person: Float32Array | None, delay_ms: int, gain_db: int
-        ) -> tuple[Float32Array, Float32Array, float]:
-    """(microphone, cancelled, seconds of processing)."""
-    room = EchoRoom(16_000, delay_ms=delay_ms, gain_db=gain_db, noise_db=-50)
+def run(reply: Float32Array, mic: Float32Array) -> tuple[EchoCanceller, Float32Array, float]:
+    """The canceller as a session drives it: the reply sent 200 ms ahead of its schedule in
+    20 ms pieces, the microphone in 20 ms messages. (canceller, cancelled, seconds spent)."""
     aec = EchoCanceller(16_000)
-    lead = 16 * 200  # the reference is sent 200 ms before it plays
+    lead = 16 * 200
     pcm = float_to_pcm16(reply)
     aec.played(pcm[:2 * lead])
-    room.hear(pcm)
-    if person is not None:
-        room._speech = np.concatenate([np.zeros(reply.size // 2, np.float32), person])
-    mic, out, spent = [], [], 0.0
-    for k in range(reply.size // 320):
-        frame = room.tick()
-        mic.append(frame)
+    out, spent = [], 0.0
+    for k in range(mic.size // 320):
         nxt = pcm[2 * (lead + 320 * k):2 * (lead + 320 * (k + 1))]
         t0 = time.perf_counter()
         if nxt:
             aec.played(nxt)
-        out.append(aec.capture(frame))
+        out.append(aec.capture(mic[320 * k:320 * (k + 1)]))
         spent += time.perf_counter() - t0
-    return np.concatenate(mic), np.concatenate(out), spent
+    return aec, np.concatenate(out), spent
+
+
+def with_person(mic: Float32Array, person: Float32Array, at: int) -> Float32Array:
+    out = mic.copy()
+    end = min(out.size, at + person.size)
+    out[at:end] += person[:end - at]
+    return out
 
 
 def db(x: Float32Array) -> float:
@@ -86,16 +92,46 @@ def main() -> None:
     clean = voiced_ms(vad, person)
     for delay in (40, 80, 200):
         for gain in (-12, -6, 0):
-            mic, out, spent = run(reply, None, delay, gain)
-            erle = db(mic[half:]) - db(out[half:])
-            raw_v, out_v = voiced_ms(vad, mic[half:]), voiced_ms(vad, out[half:])
-            mic2, out2, _ = run(reply, person, delay, gain)
+            mic = heard_in_room(reply, delay, gain)
+            _, out, spent = run(reply, mic)
+            erle = db(mic[half:out.size]) - db(out[half:])
+            raw_v, out_v = voiced_ms(vad, mic[half:out.size]), voiced_ms(vad, out[half:])
+            mic2 = with_person(mic, person, half)
+            _, out2, _ = run(reply, mic2)
             seg = slice(half, half + person.size)
             rtf = spent / (reply.size / 16000)
             print(f"{delay:8d} {gain:7d} {erle:7.1f} {raw_v:17d} → {out_v:<16d} "
                   f"{clean:15d} / {voiced_ms(vad, mic2[seg]):5d} / {voiced_ms(vad, out2[seg]):<14d}"
                   f" {rtf:6.3f}")
+    alignment(vad, reply, person)
     restarts(vad, reply)
+
+
+def alignment(vad: SileroVad, reply: Float32Array, person: Float32Array) -> None:
+    """When the client plays the reply relative to the server's schedule: on arrival (up to
+    the 200 ms lead early), on time with no latency, or late (jitter buffer, Bluetooth)."""
+    threshold = BargeInConfig().echo_similarity
+    half = reply.size // 2
+    frames = (half // 160, (half + person.size) // 160)  # the person's words, 10 ms frames
+    print(f"\nclient playing the reply early (-) or late (+), -6 dB, reflections; echo "
+          f"similarity over {person.size / 16000:.1f} s (echo >= {threshold} is echo):")
+    print(f"{'played ms':>9} {'ERLE 1st s':>10} {'ERLE after':>10} {'voice left ms':>13} "
+          f"{'similarity: echo only':>21} {'person over echo':>16}")
+    for after in (-150, -90, -40, 0, 80, 250, 400, 500, 700):
+        mic = heard_in_room(reply, after, -6)
+        aec, out, _ = run(reply, mic)
+        first = slice(0, 16000)
+        echo_only = aec.similarity(*frames)
+        aec2, _, _ = run(reply, with_person(mic, person, half))
+        over = aec2.similarity(*frames)
+        print(f"{after:9d} {db(mic[first]) - db(out[first]):10.1f} "
+              f"{db(mic[16000:out.size]) - db(out[16000:]):10.1f} "
+              f"{voiced_ms(vad, out[16000:]):13d} {nan(echo_only):21.2f} {nan(over):16.2f}",
+              flush=True)
+
+
+def nan(x: float | None) -> float:
+    return float("nan") if x is None else x
 
 
 def after_silent_stretch(reply: Float32Array, question: Float32Array, pause_s: float

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import soxr
 
+from client.events import EventLog
 from client.ws_client import VoxlensClient
 from streaming.audio import MODEL_RATE, Float32Array, float_to_pcm16, pcm16_to_float
 
@@ -27,6 +29,23 @@ def room_response(seed: int = 0) -> Float32Array:
         h[delay] = gain
     h += (rng.normal(0, 0.01, h.size) * np.exp(-np.arange(h.size) / 400)).astype(np.float32)
     return h
+
+
+def heard_in_room(reply: Float32Array, echo_after_ms: float, gain_db: float,
+                  noise_db: float = -50, seed: int = 0) -> Float32Array:
+    """What a microphone picks up (16 kHz) from a loudspeaker that plays ``reply`` (16 kHz)
+    ``echo_after_ms`` after its schedule, sample 0 being the scheduled start (negative: that
+    much before it), through ``room_response``, with room noise; the same length."""
+    echo = np.convolve(reply, room_response(seed), mode="full")[:reply.size]
+    echo *= np.float32(10 ** (gain_db / 20))
+    shift = round(echo_after_ms * MODEL_RATE / 1000)
+    out = np.zeros_like(echo)
+    if shift >= 0:
+        out[shift:] = echo[:echo.size - shift]
+    else:
+        out[:shift] = echo[-shift:]
+    rng = np.random.default_rng(seed)
+    return (out + rng.normal(0, 10 ** (noise_db / 20), out.size)).astype(np.float32)
 
 
 @dataclass
@@ -87,9 +106,14 @@ class EchoRoom:
         return mic
 
 
-async def live_microphone(client: VoxlensClient, room: EchoRoom) -> None:
-    """Stream the room's microphone to the server in real time, 20 ms per message, and play the
-    reply into the room; runs until cancelled. The speaker stops at ``reply.interrupted``."""
+async def live_microphone(client: EventLog, room: EchoRoom,
+                          send: Callable[[bytes], Awaitable[None]] | None = None) -> None:
+    """Stream the room's microphone to the server in real time, 20 ms per message (with
+    ``send``, else the WebSocket client's), and play the reply into the room; runs until
+    cancelled. The speaker stops at ``reply.interrupted``."""
+    if send is None:
+        assert isinstance(client, VoxlensClient)
+        send = client.send_raw
     client.on_audio = room.hear
     previous = client.on_event
 
@@ -103,7 +127,7 @@ async def live_microphone(client: VoxlensClient, room: EchoRoom) -> None:
     start = time.monotonic()
     k = 0
     while True:
-        await client.send_raw(float_to_pcm16(room.tick()))
+        await send(float_to_pcm16(room.tick()))
         k += 1
         delay = start + k * TICK / MODEL_RATE - time.monotonic()
         if delay > 0:

@@ -35,6 +35,7 @@ from pipelines.bargein import endpoint_silence_ms
 from pipelines.compute import Dropped, Priority
 from pipelines.engines.base import Asr, AsrResult, Vad
 from pipelines.segmenter import End, Noise, Onset, Pause, Resume, Segmenter, SegmenterConfig, Voice
+from pipelines.text import ZH_PROMPT
 from pipelines.text import words as text_words
 from streaming.audio import MODEL_RATE, Float32Array
 from streaming.channels import Channel
@@ -54,6 +55,9 @@ HALLUCINATIONS = frozenset({
     "谢谢", "谢谢观看", "谢谢大家", "谢谢收看", "感谢观看", "感谢收看", "谢谢您的观看",
     "请订阅", "订阅我的频道", "字幕", "中文字幕", "字幕志愿者",
 })
+# Whisper given a prompt (pipelines/text.py ZH_PROMPT) sometimes returns the prompt itself
+# for audio it cannot make out (heard over a reply's echo): never anyone's words
+PROMPT_ECHOES = frozenset(re.sub(r"[^\w\s]", "", p) for p in ZH_PROMPT.values())
 
 
 def normalise(text: str) -> str:
@@ -63,7 +67,7 @@ def normalise(text: str) -> str:
 def is_hallucination(result: AsrResult, voiced_ms: int) -> bool:
     """Whether a transcript should be dropped instead of becoming a user turn."""
     norm = normalise(result.text)
-    if not norm:
+    if not norm or norm in PROMPT_ECHOES:
         return True
     if result.no_speech_prob > 0.6 and result.avg_logprob < -0.8:  # Whisper's own silence rule
         return True
@@ -154,6 +158,7 @@ class Listener:
         self._clock = clock
         self._seg = Segmenter(config.segmenter, vad.frame_samples)
         self._samples = 0
+        self._last_voiced = 0  # input position (samples) after the latest voiced frame
         self._last_voiced_wall = 0.0
         self._utt: _Utterance | None = None
         self._finishing: asyncio.Task[None] | None = None
@@ -161,6 +166,16 @@ class Listener:
     @property
     def speaking(self) -> bool:
         return self._seg.speaking
+
+    @property
+    def position_ms(self) -> float:
+        """How much input audio has been listened to."""
+        return self._samples * 1000 / MODEL_RATE
+
+    @property
+    def voiced_until_ms(self) -> float:
+        """Input position where the latest voiced frame ended."""
+        return self._last_voiced * 1000 / MODEL_RATE
 
     @property
     def voicing(self) -> bool:
@@ -184,6 +199,7 @@ class Listener:
         self._samples += frame.size
         if prob >= self.config.segmenter.threshold:
             self._last_voiced_wall = self._clock()
+            self._last_voiced = self._samples
         for ev in self._seg.push(frame, prob):
             match ev:
                 case Voice(t_ms):

@@ -23,7 +23,7 @@ from pipelines.listener import Listener, ListenerConfig
 from pipelines.text import main_script
 from pipelines.turn import Turn, TurnConfig
 from pipelines.vision import CAMERA_RULE, Looker, VisionConfig, quote, refers_to_scene
-from streaming.audio import Float32Array
+from streaming.audio import MODEL_RATE, Float32Array
 from streaming.channels import Channel
 from streaming.errors import ProtocolError, VoxlensError
 from streaming.events import (
@@ -92,6 +92,11 @@ def fixed_system_prompt(instructions: str, *, vision: bool) -> str:
     return f"{instructions}\n\n{CAMERA_RULE}" if vision else instructions
 
 
+# The echo check judges the latest stretch of the sound up to its last voiced frame: a person
+# who starts speaking while echo had already set off barge-in is judged by their own voice.
+ECHO_WINDOW_MS = 800
+
+
 class _Stop(Exception):
     pass
 
@@ -102,6 +107,7 @@ class _BargeIn:
 
     turn: Turn  # the paused reply
     echo_from_ms: float  # reply audio before this point cannot be echoed in the utterance
+    voice_ms: int  # input position where the sound began
     utterance: int | None = None  # the listener's turn id once the sound is speech
     timer: asyncio.Task[None] | None = None  # interrupts after ``interrupt_after_ms`` of speech
     dismissed: bool = False  # the latest partial was a backchannel or echo
@@ -133,6 +139,8 @@ class Session:
         self._playing: asyncio.Task[None] | None = None
         self._reply: Turn | None = None  # the released reply the person may be hearing
         self._playout: Playout | None = None  # the transport's reply audio outlet
+        self._pushed_ms = 0.0  # input audio received (the listener's positions)
+        self._playout_from_ms = 0.0  # input position where the playout's microphone began
         self._played: tuple[int, int] | None = None  # the client's last report: (turn, ms)
         self._barge: _BargeIn | None = None
         self._prefill: asyncio.Task[None] | None = None
@@ -171,6 +179,7 @@ class Session:
         self._started = True
         self.last_input = self.clock()
         await self._audio.put(audio)
+        self._pushed_ms += audio.size * 1000 / MODEL_RATE
 
     def push_frame(self, image: Image) -> None:
         """A camera frame (RGB); only the newest unread one is kept."""
@@ -181,6 +190,7 @@ class Session:
 
     def attach_playout(self, playout: Playout) -> None:
         self._playout = playout
+        self._playout_from_ms = self._pushed_ms - playout.mic_samples * 1000 / MODEL_RATE
 
     def interrupt(self) -> None:
         """The client's stop: cut the reply now, whatever is playing or being prepared."""
@@ -264,7 +274,7 @@ class Session:
         if self.config.bargein.enabled and self._barge is None:
             turn = self._audible()
             if turn is not None:
-                self._barge = _BargeIn(turn, self._played_ms(turn) - ECHO_LOOKBACK_MS)
+                self._barge = _BargeIn(turn, self._played_ms(turn) - ECHO_LOOKBACK_MS, t_ms)
                 if self._playout is not None:
                     self._playout.pause()
 
@@ -291,15 +301,28 @@ class Session:
     def _real(self, barge: _BargeIn, text: str, language: str | None) -> bool:
         """Whether words over a reply are an interruption (not a backchannel, not echo)."""
         cfg = self.config.bargein
+        if self._sounds_like_echo(barge):
+            return False
         turn = barge.turn  # echo can only be of the audio sent since shortly before the voice
         sent = self._playout.sent_ms(turn.turn_id) if self._playout is not None else math.inf
         echoed = said_between(turn.spoken, barge.echo_from_ms, sent)
         return content_words(text, language, echoed, cfg) >= cfg.min_words
 
+    def _sounds_like_echo(self, barge: _BargeIn) -> bool:
+        """Whether the sound so far follows the reply's audio as its echo does, however
+        garbled its words (streaming/echo.py, ``similarity``)."""
+        if self._playout is None or self._listener is None:
+            return False
+        end = self._listener.voiced_until_ms - self._playout_from_ms  # the sound, not the
+        start = max(barge.voice_ms - self._playout_from_ms, end - ECHO_WINDOW_MS)  # silence after
+        similarity = self._playout.echo_similarity(start, end)
+        log.debug("barge-in: echo similarity %s over %.0f..%.0f ms", similarity, start, end)
+        return similarity is not None and similarity >= self.config.bargein.echo_similarity
+
     async def _interrupt_after(self, barge: _BargeIn) -> None:
         await asyncio.sleep(self.config.bargein.interrupt_after_ms / 1000)
         if (self._barge is barge and not barge.dismissed and self._listener is not None
-                and self._listener.voicing):
+                and self._listener.voicing and not self._sounds_like_echo(barge)):
             self._interrupt()
 
     def _end_barge(self) -> None:

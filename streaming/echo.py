@@ -17,6 +17,22 @@ the reply audio that had finished playing by then is dropped first: paired with 
 person's words, AEC3 takes them for echo and erases them (-25 dB, no voice left).
 Measured (bench/README.md): ~27 dB echo removed at
 80 ms / -6 dB with room reflections, the person's own speech kept.
+
+Alignment. AEC3 only cancels echo that comes *after* its reference, by at most about
+half a second (bench/echo.py: an echo 0 ms or less after the reference frame keeps all but
+2-5 dB; 5-400 ms loses 25-30 dB; 600 ms and more fails again). The FIFO hands each frame
+over when the server expects it to play, but a client that plays on arrival with no
+jitter buffer plays it right then (0 ms), and one whose clock runs a little ahead even
+earlier. So when reply audio starts after the FIFO ran dry, its first ``HEADROOM_MS`` are
+handed over at once: from then on the FIFO hands each frame over that much before its
+scheduled time, and every client from ~40 ms early to ~400 ms late (a jitter buffer,
+Bluetooth) falls in AEC3's window (bench/echo.py).
+
+Evidence. Whatever is left (a client outside that window, AEC3 still converging), what
+remains of echo follows the reply: louder where the reply was loud, in the same bands.
+``similarity`` measures that (per-band log-energy envelopes of the output and of the
+reference, correlated at the best lag): near 1 for residual echo however garbled, low for
+a person, so barge-in can tell one from the other without trusting the words.
 """
 
 from __future__ import annotations
@@ -38,6 +54,25 @@ RESTART_S = 0.25
 # On a restart, reply audio that finished playing this long before the microphone audio
 # arrived is kept: the client's capture and network latency, and the room's echo tail.
 ECHO_TAIL_S = 0.25
+# How far the reference handed to AEC3 leads the server's play schedule (a burst of frames
+# when reply audio starts; 200 ms at once overruns AEC3's render buffer, 100 ms does not).
+HEADROOM_MS = 100
+# Envelope history kept for ``similarity``, and the lags searched (echo after its schedule).
+HISTORY_FRAMES = 800  # 8 s
+MAX_LAG_FRAMES = 100  # 1 s: past AEC3's own reach (~500 ms), where echo passes it whole
+MIN_LAG_FRAMES = -20  # a client playing on arrival: up to the 200 ms lead before schedule
+# The echo's lag is measured every second of playback over the last 1.5 s of input and
+# trusted when the input follows the reference this well; a sound is judged at it +- 30 ms.
+LAG_EVERY_FRAMES = 100
+LAG_WINDOW_FRAMES = 150
+LAG_MIN_CORRELATION = 0.5
+LAG_SLACK_FRAMES = 3
+# rfft bins of a 10 ms frame (100 Hz each) grouped into bands for the envelopes: 100 Hz to
+# 4 kHz, where speech has its energy (above it, room noise would dilute the measure)
+BAND_EDGES = np.array([1, 3, 5, 8, 12, 17, 24, 32, 40])
+FLOOR = 1e-6  # band power of silence
+SOUNDING = 1e-2  # reference power (100 Hz-4 kHz, summed over bands) of a sounding frame
+SILENT = np.full(BAND_EDGES.size - 1, np.log10(FLOOR), dtype=np.float32)
 
 
 class EchoCanceller:
@@ -49,25 +84,47 @@ class EchoCanceller:
                           soxr.ResampleStream(output_rate, MODEL_RATE, 1, dtype="float32"))
         self._max_render = MODEL_RATE * max_lead_ms // 1000
         self._render = np.zeros(0, dtype=np.float32)
+        # the same audio on the server's schedule (one frame per microphone frame, no lead):
+        # what the client is expected to play now, for the envelopes of ``similarity``
+        self._scheduled = np.zeros(0, dtype=np.float32)
         self._mic = np.zeros(0, dtype=np.float32)
         self._idle = IDLE_AFTER_FRAMES  # frames since the last reply audio
+        self._ahead = 0  # reference frames still to hand over ahead of the microphone
+        self._owed = 0  # reference frames handed over ahead, to be paid back in silence
         self._render_end = 0.0  # wall time when the reply audio sent so far has played
         self._mic_at: float | None = None  # wall time the microphone stream has reached
+        # per 10 ms output frame: band log-energies of the output and of its reference
+        self._env_out = np.zeros((HISTORY_FRAMES, BAND_EDGES.size - 1), dtype=np.float32)
+        self._env_ref = np.zeros((HISTORY_FRAMES, BAND_EDGES.size - 1), dtype=np.float32)
+        self._env_in = np.zeros((HISTORY_FRAMES, BAND_EDGES.size - 1), dtype=np.float32)
+        self._active = np.zeros(HISTORY_FRAMES, dtype=bool)  # the frame had a reference
+        self.frames = 0  # output frames so far (position of the output stream, 10 ms each)
+        self.echo_lag: int | None = None  # frames from the schedule to the echo, once measured
 
     def played(self, pcm: bytes) -> None:
         """Reply audio (s16le mono at the output rate) as it leaves for the client."""
         x = pcm16_to_float(pcm)
         if self._to_model is not None:
             x = np.asarray(self._to_model.resample_chunk(x), dtype=np.float32)
+        if self._render.size == 0 and self._owed == 0:  # reply audio starts: hand the lead over
+            self._ahead = HEADROOM_MS * MODEL_RATE // 1000 // FRAME
         self._render = np.concatenate([self._render, x])[-self._max_render:]
+        self._scheduled = np.concatenate([self._scheduled, x])[-self._max_render:]
         self._render_end = max(self._render_end, self._clock()) + x.size / MODEL_RATE
         self._idle = 0
+        while self._ahead and self._render.size >= FRAME:
+            ref, self._render = self._render[:FRAME], self._render[FRAME:]
+            self._apm.process_reverse_stream(
+                rtc.AudioFrame(float_to_pcm16(ref), MODEL_RATE, 1, FRAME))
+            self._ahead -= 1
+            self._owed += 1
 
     def forget_unplayed(self) -> None:
         """The client dropped the reply audio it had not played yet (a cut): that audio never
         reaches the room, so it must not stay in the reference either (it would misalign the
         next reply's echo by as much)."""
         self._render = np.zeros(0, dtype=np.float32)
+        self._scheduled = np.zeros(0, dtype=np.float32)
         self._render_end = min(self._render_end, self._clock())
 
     def capture(self, mic: Float32Array) -> Float32Array:
@@ -88,13 +145,24 @@ class EchoCanceller:
     def _drop_played(self, now: float) -> None:
         """The microphone stream (re)starts now: reply audio that had finished playing
         before it began cannot be in it."""
-        head = self._render_end - self._render.size / MODEL_RATE  # when the FIFO's head played
-        stale = int((now - ECHO_TAIL_S - head) * MODEL_RATE)
-        if stale > 0:
-            self._render = self._render[stale:]
+        for name in ("_render", "_scheduled"):
+            fifo = getattr(self, name)
+            head = self._render_end - fifo.size / MODEL_RATE  # when the FIFO's head played
+            stale = int((now - ECHO_TAIL_S - head) * MODEL_RATE)
+            if stale > 0:
+                setattr(self, name, fifo[stale:])
+        self._owed = 0  # the lead is handed over again with the next reply audio
 
     def _frame(self, mic: Float32Array) -> Float32Array:
+        k = self.frames % HISTORY_FRAMES
+        self.frames += 1
+        now_playing, self._scheduled = self._scheduled[:FRAME], self._scheduled[FRAME:]
+        self._env_ref[k] = (_bands(np.pad(now_playing, (0, FRAME - now_playing.size)))
+                            if now_playing.size else SILENT)
         if self._render.size == 0 and self._idle >= IDLE_AFTER_FRAMES:
+            self._env_out[k] = _bands(mic)
+            self._env_in[k] = self._env_out[k]
+            self._active[k] = False
             return mic
         ref = self._render[:FRAME]
         self._render = self._render[FRAME:]
@@ -103,7 +171,89 @@ class EchoCanceller:
         else:
             ref = np.pad(ref, (0, FRAME - ref.size))
             self._idle += 1
-        self._apm.process_reverse_stream(rtc.AudioFrame(float_to_pcm16(ref), MODEL_RATE, 1, FRAME))
+        if ref.size == FRAME and not ref.any() and self._owed and not self._render.size:
+            self._owed -= 1  # silence: the lead handed over is paid back, AEC3's count holds
+        else:
+            self._apm.process_reverse_stream(
+                rtc.AudioFrame(float_to_pcm16(ref), MODEL_RATE, 1, FRAME))
         frame = rtc.AudioFrame(float_to_pcm16(mic), MODEL_RATE, 1, FRAME)
         self._apm.process_stream(frame)
-        return pcm16_to_float(bytes(frame.data))
+        out = pcm16_to_float(bytes(frame.data))
+        self._env_out[k] = _bands(out)
+        self._env_in[k] = _bands(mic)
+        self._active[k] = True
+        if self.frames % LAG_EVERY_FRAMES == 0:
+            self._measure_lag()
+        return out
+
+    def similarity(self, start: int, end: int) -> float | None:
+        """How much the microphone frames ``start``..``end`` (positions in ``frames``) follow
+        the reference, as echo does: the correlation of per-band log-energy envelopes (each
+        band's own mean and spread removed) with the reference's at the echo's lag, for the
+        input (is the reply's echo in it?) and for the output (is what AEC3 left of it still
+        the reply?), averaged. Near 1 for echo however garbled, low for a person, also for
+        one speaking when the reply had paused. None when there was no reference to echo (no
+        reply audio) or the stretch is too short to tell."""
+        end = min(end, self.frames)
+        start = max(start, self.frames - HISTORY_FRAMES + MAX_LAG_FRAMES, 0)
+        if self.echo_lag is None:  # not measured yet: the best lag within reach
+            lags = range(MIN_LAG_FRAMES, MAX_LAG_FRAMES + 1)
+        else:
+            lags = range(self.echo_lag - LAG_SLACK_FRAMES, self.echo_lag + LAG_SLACK_FRAMES + 1)
+        best: tuple[float, int] | None = None
+        for lag in lags:
+            corr = [self._correlation(env, start, end, lag)
+                    for env in (self._env_in, self._env_out)]
+            if corr[0] is not None and corr[1] is not None:
+                best = max(best or (-1.0, lag), ((corr[0] + corr[1]) / 2, lag))
+        if best is None:
+            return None
+        return best[0] * self._while_sounding(start, end, best[1])
+
+    def _while_sounding(self, start: int, end: int, lag: int) -> float:
+        """The share of the output's energy in frames whose reference, ``lag`` frames
+        earlier, was sounding: echo can only be where the reply was (a person who goes on
+        talking after the reply paused is not)."""
+        stop = min(end, self.frames + lag)
+        power = np.sum(10.0 ** self._env_out[np.arange(start, stop) % HISTORY_FRAMES], axis=1)
+        ref = np.sum(10.0 ** self._env_ref[np.arange(start - lag, stop - lag) % HISTORY_FRAMES],
+                     axis=1)
+        total = float(power.sum())
+        return float(power[ref > SOUNDING].sum()) / total if total > 0 else 0.0
+
+    def _correlation(self, env: Float32Array, start: int, end: int, lag: int) -> float | None:
+        """Correlation of ``env`` over frames start..end with the reference ``lag`` frames
+        earlier (None: no reference then, or too short a stretch)."""
+        stop = min(end, self.frames + lag)  # an early echo's reference is not here yet
+        if stop - start < 20 or start - lag < 0:  # 200 ms: too short to tell
+            return None
+        ref_idx = np.arange(start - lag, stop - lag) % HISTORY_FRAMES
+        if not self._active[ref_idx].any():
+            return None
+        heard = _standardise(env[np.arange(start, stop) % HISTORY_FRAMES])
+        return float(np.mean(heard * _standardise(self._env_ref[ref_idx])))
+
+    def _measure_lag(self) -> None:
+        """Where the reply's echo is in the input (its lag after the schedule), from the last
+        while of playback: the lag the input follows the reference best at, when it clearly
+        does. Judging a sound at that lag only, a person speaking while the reply has paused
+        cannot look like echo of the reply's earlier words."""
+        end = self.frames + MIN_LAG_FRAMES
+        scores = [(c, lag) for lag in range(MIN_LAG_FRAMES, MAX_LAG_FRAMES + 1)
+                  if (c := self._correlation(self._env_in, end - LAG_WINDOW_FRAMES, end, lag))
+                  is not None]
+        if scores and (best := max(scores))[0] >= LAG_MIN_CORRELATION:
+            self.echo_lag = best[1]
+
+def _bands(x: Float32Array) -> Float32Array:
+    power = np.abs(np.fft.rfft(x)) ** 2
+    return np.log10(np.add.reduceat(power, BAND_EDGES)[:-1] + FLOOR).astype(np.float32)
+
+
+def _standardise(env: Float32Array) -> Float32Array:
+    """Each band's envelope with its mean removed and scaled to unit spread (flat: zero)."""
+    centred = env - env.mean(axis=0)
+    spread = centred.std(axis=0)
+    out: Float32Array = np.divide(centred, spread, out=np.zeros_like(centred),
+                                  where=spread > 1e-3)
+    return out

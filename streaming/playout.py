@@ -17,8 +17,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from streaming.audio import Float32Array
-from streaming.echo import EchoCanceller
+from streaming.audio import MODEL_RATE, Float32Array
+from streaming.echo import FRAME, EchoCanceller
 from streaming.events import Event
 
 KEEP_TURNS = 8  # sent_ms is remembered for this many recent turns
@@ -37,6 +37,8 @@ class Playout:
         canceller removes the sent audio from the client's microphone (``mic``)."""
         self.rate = rate
         self.echo = None if client_aec else EchoCanceller(rate)
+        self.mic_samples = 0  # microphone audio passed through ``mic`` (its stream position)
+        self._echo_from = 0  # the echo canceller's first sample in that stream
         self.client_buffer_ms = client_buffer_ms  # played-out delay at the client (jitter buffer)
         self._max_ms = max_buffer_ms
         self._max_bytes = rate * 2 * max_buffer_ms // 1000
@@ -58,6 +60,7 @@ class Playout:
         """New output rate and echo handling (``session.start``); drops queued audio."""
         self.rate = rate
         self.echo = None if client_aec else EchoCanceller(rate)
+        self._echo_from = self.mic_samples
         self._max_bytes = rate * 2 * self._max_ms // 1000
         self._queue.clear()
         self._queued = 0
@@ -185,7 +188,20 @@ class Playout:
     def mic(self, audio: Float32Array) -> Float32Array:
         """Microphone audio (16 kHz mono) with this playout's echo removed, when the server
         cancels echo for this client."""
-        return audio if self.echo is None else self.echo.capture(audio)
+        out = audio if self.echo is None else self.echo.capture(audio)
+        self.mic_samples += out.size
+        return out
+
+    def echo_similarity(self, start_ms: float, end_ms: float) -> float | None:
+        """How closely the microphone audio between these positions of the ``mic`` stream
+        follows the reply audio, as echo does (EchoCanceller.similarity); None when the
+        server cancels no echo for this client or no reply audio was playing."""
+        if self.echo is None:
+            return None
+        frame_ms = 1000 * FRAME / MODEL_RATE
+        base = self._echo_from * 1000 / MODEL_RATE
+        return self.echo.similarity(int((start_ms - base) // frame_ms),
+                                    int((end_ms - base) // frame_ms) + 1)
 
     async def paced(self, chunk_ms: int, lead_ms: int) -> AsyncIterator[bytes]:
         """Queued audio in chunks of ``chunk_ms``, sent as soon as the client holds less than

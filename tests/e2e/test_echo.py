@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.acoustics import EchoRoom
+from client.acoustics import EchoRoom, heard_in_room
+from pipelines.bargein import BargeInConfig
 from pipelines.engines.vad_silero import SileroVad
 from pipelines.models import silero_vad_path
 from streaming.audio import Float32Array, float_to_pcm16, resample
@@ -130,3 +131,64 @@ def test_echo_is_removed_while_the_microphone_streams(voice, vad: SileroVad) -> 
     raw, cancelled = np.concatenate(mic[half:]), np.concatenate(out[half:])
     assert level_db(raw) - level_db(cancelled) > 10  # echo return loss enhancement, dB
     assert voiced_ms(vad, cancelled) < 0.2 * voiced_ms(vad, raw)
+
+
+def through_room(reply: Float32Array, echo_after_ms: int, gain_db: float,
+                 person: Float32Array | None = None, person_at: int = 0) -> Float32Array:
+    """The reply's echo as the client plays it ``echo_after_ms`` after the server's schedule,
+    and the person's words from sample ``person_at`` on."""
+    mic = heard_in_room(reply, echo_after_ms, gain_db)
+    if person is not None:
+        end = min(mic.size, person_at + person.size)
+        mic[person_at:end] += person[:end - person_at]
+    return mic
+
+
+def cancel_scheduled(reply: Float32Array, mic: Float32Array) -> tuple[EchoCanceller, Float32Array]:
+    """The canceller as a session drives it: the reply sent 200 ms ahead of its schedule in
+    40 ms messages, the microphone in 20 ms messages."""
+    clock = Clock()
+    aec = EchoCanceller(16_000, clock=clock)
+    pcm = float_to_pcm16(reply)
+    lead = 2 * 16 * 200
+    aec.played(pcm[:lead])
+    out = []
+    for k in range(mic.size // FRAME):
+        nxt = pcm[lead + 2 * FRAME * k:lead + 2 * FRAME * (k + 1)]
+        if nxt:
+            aec.played(nxt)
+        out.append(aec.capture(mic[k * FRAME:(k + 1) * FRAME]))
+        clock.t += FRAME / 16_000
+    return aec, np.concatenate(out)
+
+
+@pytest.mark.parametrize("echo_after_ms", [-40, 0, 250])
+def test_echo_is_removed_whether_the_client_plays_early_on_time_or_late(  # type: ignore[no-untyped-def]
+        voice, echo_after_ms: int) -> None:
+    """A client may play the reply on arrival (up to the 200 ms lead before its schedule,
+    ahead of its clock a little), on schedule with no latency, or later after a jitter
+    buffer: AEC3 only cancels echo that comes after its reference, so the reference leads."""
+    reply = say(voice, REPLY)
+    mic = through_room(reply, echo_after_ms, -6)
+    _, out = cancel_scheduled(reply, mic)
+    half = out.size // 2
+    assert level_db(mic[half:out.size]) - level_db(out[half:]) > 15
+
+
+def test_similarity_tells_residual_echo_from_a_person(voice) -> None:  # type: ignore[no-untyped-def]
+    """Echo AEC3 cannot remove (a client playing 150 ms before its schedule, or 700 ms after
+    it: out of AEC3's reach) follows the reply's envelopes; a person over it does not."""
+    threshold = BargeInConfig().echo_similarity
+    reply = say(voice, REPLY)
+    person = say(voice, "Wait, stop. What is the capital of Spain?")
+    at = reply.size // 2
+    window = (at // 160, (at + person.size) // 160)  # 10 ms frames of the person's words
+    for echo_after_ms, gain_db in ((-150, -12), (-150, 0), (700, -6)):
+        mic = through_room(reply, echo_after_ms, gain_db)
+        aec, _ = cancel_scheduled(reply, mic)
+        echo_only = aec.similarity(*window)
+        mic = through_room(reply, echo_after_ms, gain_db, person, at)
+        aec, _ = cancel_scheduled(reply, mic)
+        over_echo = aec.similarity(*window)
+        assert echo_only is not None and over_echo is not None
+        assert echo_only >= threshold > over_echo, (echo_after_ms, gain_db, echo_only, over_echo)

@@ -17,6 +17,7 @@ import aiomqtt
 import numpy as np
 import pytest
 
+from client.acoustics import EchoRoom, live_microphone
 from client.events import EventLog, TurnRecord
 from client.links import MqttLink
 from client.wavio import write_wav
@@ -204,6 +205,33 @@ async def test_spoken_question_gets_transcript_and_reply_audio(  # type: ignore[
     write_wav(ARTIFACTS / "reply-mqtt.wav", bytes(reply.audio), 24000)
     heard = transcriber(bytes(reply.audio), 24000)
     assert "paris" in heard.lower(), heard
+
+
+async def test_a_speaker_without_echo_cancellation_never_interrupts_itself(
+        mqtt_server: Server, broker: Broker) -> None:
+    """A smart speaker streams its microphone all along and plays the reply as it arrives,
+    120 ms late and loud, into a small room: the server's echo handling keeps the reply from
+    cutting itself off or answering its own words (issue 17)."""
+    async with Device(broker, "dev-12") as device:
+        ready = await device.start(language="en", audio={"echo_cancellation": False})
+        rate = ready["output"]["sample_rate"]
+        per_ms = rate * 2 / 1000  # bytes of reply audio per ms
+        room = EchoRoom(rate, delay_ms=120, gain_db=-3, noise_db=-50)
+        mic = asyncio.create_task(live_microphone(
+            device, room, lambda pcm: device.publish(device.topic("audio/in"), pcm)))
+        try:
+            await device.say("Tell me about the history of Rome in three sentences.")
+            reply = await device.spoken_reply(timeout_s=120)
+            await until(lambda: device.played_ms(reply.turn_id) >= len(reply.audio) / per_ms - 20
+                        or reply.interrupted is not None, timeout_s=60)
+            await asyncio.sleep(1.5)  # the echo tail is over
+        finally:
+            mic.cancel()
+            await asyncio.gather(mic, return_exceptions=True)
+        await device.send({"type": "session.end"})
+    assert reply.interrupted is None, reply.interrupted
+    assert not [e for e in device.events if e["type"] == "transcript" and e["final"]]
+    assert len(reply.audio) / per_ms > 5000
 
 
 # ---- one device's garbage is its own problem ------------------------------------------------

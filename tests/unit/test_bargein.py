@@ -43,7 +43,8 @@ CHUNK = 320  # 20 ms
 REPLY = ("Paris is the capital of France. It has many museums and a famous iron tower. "
          "People love its food and its cafes.")
 SCRIPT = {200: "What is the capital of France?", 300: "Wait, tell me about Spain instead.",
-          400: "Yeah.", 500: "Paris is the capital", 600: "I want to go to the"}
+          400: "Yeah.", 500: "Paris is the capital", 600: "I want to go to the",
+          800: "the amp."}
 
 
 def tone(hz: int, ms: int) -> Float32Array:
@@ -118,14 +119,29 @@ class Room:
         raise AssertionError("condition not reached")
 
 
+class EchoingPlayout(Playout):
+    """A playout whose echo canceller finds the microphone following the reply this closely
+    (streaming/echo.py measures it on real audio: tests/e2e/test_echo.py)."""
+
+    def __init__(self, similarity: float, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(RATE, **kwargs)
+        self.similarity = similarity
+        self.asked: list[tuple[float, float]] = []
+
+    def echo_similarity(self, start_ms: float, end_ms: float) -> float | None:
+        self.asked.append((start_ms, end_ms))
+        return self.similarity
+
+
 @contextlib.asynccontextmanager
-async def open_room() -> AsyncIterator[Room]:
+async def open_room(similarity: float | None = None) -> AsyncIterator[Room]:
     """Opened inside each test: a fixture's timers would run on the real clock, not looptime."""
     loop = asyncio.get_running_loop()
     engines = Engines(FakeVad(), FakeAsr(transcribe, latency_s=0.2),
                       FakeLlm(REPLY, first_token_s=0.1, token_s=0.03), FakeTts(RATE, ms_per_char=60))
     session = Session("b1", engines, SessionConfig(output_rate=RATE), clock=loop.time)
-    playout = Playout(RATE, client_buffer_ms=0, clock=loop.time)
+    playout = (Playout(RATE, client_buffer_ms=0, clock=loop.time) if similarity is None else
+               EchoingPlayout(similarity, client_buffer_ms=0, clock=loop.time))
     session.attach_playout(playout)
     r = Room(session, playout)
     async with asyncio.TaskGroup() as tg:
@@ -225,6 +241,36 @@ async def test_backchannel_noise_and_echo_do_not_interrupt(sound: str) -> None:
         assert room.played_ms(1) == pytest.approx(emitted, abs=1)  # ... and then played all of it
         (exchange,) = room.session.history.exchanges
         assert exchange.assistant == REPLY
+
+
+@pytest.mark.parametrize("ms", [600, 2000], ids=["short", "longer than interrupt_after_ms"])
+async def test_a_sound_that_follows_the_reply_is_echo_whatever_its_words(ms: int) -> None:
+    """Garbled residual echo transcribed as words the reply never said ("the amp.") is still
+    echo when the microphone follows the reply's audio: no cut, no turn, the reply goes on."""
+    async with open_room(similarity=0.9) as room:
+        await ask_and_wait_for_audio(room, 1000)
+        await room.speak(tone(800, ms), silence(900))
+        await room.until(lambda: bool(room.of(ReplyDone)))
+        await room.until(lambda: not room.playout.queued_ms())
+        assert not room.of(ReplyInterrupted)
+        assert [t.text for t in room.of(Transcript) if t.final] == [SCRIPT[200]]
+        playout = room.playout
+        assert isinstance(playout, EchoingPlayout)
+        # judged on the microphone stretch of the sound (positions in the playout's stream:
+        # the sound began after 1.9 s of question and silence), at most its last second
+        start, end = playout.asked[0]
+        assert start >= 1900 - 100 and 0 < end - start <= 1000
+        assert room.played_ms(1) == pytest.approx(
+            sum(c.duration_ms for c in room.session._reply.spoken), abs=1)  # type: ignore[union-attr]
+
+
+async def test_the_same_words_that_do_not_follow_the_reply_interrupt() -> None:
+    async with open_room(similarity=0.2) as room:
+        await ask_and_wait_for_audio(room, 1000)
+        await room.speak(tone(800, 600), silence(900))
+        await room.until(lambda: bool(room.of(ReplyInterrupted)))
+        await room.until(lambda: len(room.of(ReplyStarted)) == 2)
+        assert [t.text for t in room.of(Transcript) if t.final] == [SCRIPT[200], SCRIPT[800]]
 
 
 async def test_words_the_reply_said_long_before_are_the_persons_not_echo() -> None:

@@ -154,5 +154,8 @@ def test_whispers_mandarin_inventions_on_short_sounds_are_not_turns() -> None:
     assert is_hallucination(AsrResult("谢谢。", "zh", 0.1, -0.3), voiced_ms=400)
     assert is_hallucination(AsrResult("谢谢观看！", "zh", 0.4, -0.5), voiced_ms=2000)
     assert is_hallucination(AsrResult("哈哈" * 8, "zh", 0.1, -0.3), voiced_ms=3000)  # a loop
+    # the decoder's own prompt given back (heard over a reply's echo), however confident
+    assert is_hallucination(AsrResult("以下是普通话的句子。", "zh", 0.05, -0.2), voiced_ms=2000)
+    assert is_hallucination(AsrResult("以下是普通話的句子", "zh", 0.05, -0.2), voiced_ms=2000)
     assert not is_hallucination(AsrResult("谢谢你告诉我。", "zh", 0.05, -0.3), voiced_ms=1500)
     assert not is_hallucination(AsrResult("谢谢。", "zh", 0.05, -0.2), voiced_ms=1500)

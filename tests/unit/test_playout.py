@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from streaming.events import ReplyDone
@@ -88,3 +89,27 @@ async def test_heard_is_what_was_sent_minus_what_the_client_still_holds() -> Non
     await asyncio.sleep(1)
     assert playout.heard_ms(1) == pytest.approx(500 - 100)  # its jitter buffer is never known
     assert playout.audible(1)  # still queued
+
+
+async def test_echo_similarity_is_asked_in_the_microphone_streams_positions() -> None:
+    """The microphone stream's position runs on across a new echo canceller (session.start
+    again on a resumed session): a stretch is found where its audio went through."""
+    rng = np.random.default_rng(0)
+    playout = Playout(RATE, client_aec=False)
+    assert playout.echo_similarity(0, 1000) is None  # nothing heard yet
+    playout.mic(np.zeros(RATE, dtype=np.float32))  # 1 s of silence, no reply audio
+    assert playout.mic_samples == RATE
+    assert playout.echo_similarity(0, 1000) is None  # no reply played: nothing to echo
+    playout.reconfigure(RATE, client_aec=False)
+    reply = (0.3 * rng.standard_normal(RATE) * np.repeat(rng.random(50), 320)).astype(np.float32)
+    playout.put(1, (reply * 32767).astype("<i2").tobytes())
+    for k in range(50):  # the reply plays and comes straight back, 20 ms at a time
+        playout.take(640)
+        playout.mic(reply[k * 320:(k + 1) * 320] * 0.5)
+    assert playout.mic_samples == 2 * RATE
+    # the second second of the stream: the input follows the reply exactly (correlation 1),
+    # what AEC3 left of it does not (it removed the echo): the average is about 0.5
+    similarity = playout.echo_similarity(1000, 2000)
+    assert similarity is not None and similarity > 0.45
+    assert playout.echo_similarity(0, 900) is None  # before this canceller: unknown
+    assert Playout(RATE).echo_similarity(0, 1000) is None  # the client cancels its own echo
