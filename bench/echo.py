@@ -53,9 +53,11 @@ def voiced_ms(vad: SileroVad, x: Float32Array) -> int:
 
 
 def run(reply: Float32Array, mic: Float32Array) -> tuple[EchoCanceller, Float32Array, float]:
-    """The canceller as a session drives it: the reply sent 200 ms ahead of its schedule in
-    20 ms pieces, the microphone in 20 ms messages. (canceller, cancelled, seconds spent)."""
+    """The canceller as a session drives it: the microphone streaming in 20 ms messages, the
+    reply sent 200 ms ahead of its schedule. (canceller, cancelled, seconds spent)."""
     aec = EchoCanceller(16_000)
+    for _ in range(25):  # the microphone streams already: 0.5 s of silence
+        aec.capture(np.zeros(320, dtype=np.float32))
     lead = 16 * 200
     pcm = float_to_pcm16(reply)
     aec.played(pcm[:2 * lead])

@@ -72,7 +72,7 @@ LAG_SLACK_FRAMES = 3
 BAND_EDGES = np.array([1, 3, 5, 8, 12, 17, 24, 32, 40])
 FLOOR = 1e-6  # band power of silence
 SOUNDING = 1e-2  # reference power (100 Hz-4 kHz, summed over bands) of a sounding frame
-SILENT = np.full(BAND_EDGES.size - 1, np.log10(FLOOR), dtype=np.float32)
+IN, OUT, REF = 0, 1, 2  # the recorded streams: microphone in, AEC3's output, the reference
 
 
 class EchoCanceller:
@@ -94,9 +94,11 @@ class EchoCanceller:
         self._render_end = 0.0  # wall time when the reply audio sent so far has played
         self._mic_at: float | None = None  # wall time the microphone stream has reached
         # per 10 ms output frame: band log-energies of the output and of its reference
-        self._env_out = np.zeros((HISTORY_FRAMES, BAND_EDGES.size - 1), dtype=np.float32)
-        self._env_ref = np.zeros((HISTORY_FRAMES, BAND_EDGES.size - 1), dtype=np.float32)
-        self._env_in = np.zeros((HISTORY_FRAMES, BAND_EDGES.size - 1), dtype=np.float32)
+        # the last frames as they were (microphone in, out, reference on schedule), their
+        # envelopes computed in batches when needed (one FFT call for many frames)
+        self._raw = np.zeros((3, HISTORY_FRAMES, FRAME), dtype=np.float32)
+        self._env = np.zeros((3, HISTORY_FRAMES, BAND_EDGES.size - 1), dtype=np.float32)
+        self._env_upto = 0  # frames whose envelopes are computed
         self._active = np.zeros(HISTORY_FRAMES, dtype=bool)  # the frame had a reference
         self.frames = 0  # output frames so far (position of the output stream, 10 ms each)
         self.echo_lag: int | None = None  # frames from the schedule to the echo, once measured
@@ -106,7 +108,10 @@ class EchoCanceller:
         x = pcm16_to_float(pcm)
         if self._to_model is not None:
             x = np.asarray(self._to_model.resample_chunk(x), dtype=np.float32)
-        if self._render.size == 0 and self._owed == 0:  # reply audio starts: hand the lead over
+        streaming = self._mic_at is not None and self._clock() - self._mic_at <= RESTART_S
+        if self._render.size == 0 and self._owed == 0 and streaming:
+            # reply audio starts while the microphone streams: hand the lead over (with no
+            # microphone audio coming, AEC3 would pair it with the next words instead)
             self._ahead = HEADROOM_MS * MODEL_RATE // 1000 // FRAME
         self._render = np.concatenate([self._render, x])[-self._max_render:]
         self._scheduled = np.concatenate([self._scheduled, x])[-self._max_render:]
@@ -157,11 +162,11 @@ class EchoCanceller:
         k = self.frames % HISTORY_FRAMES
         self.frames += 1
         now_playing, self._scheduled = self._scheduled[:FRAME], self._scheduled[FRAME:]
-        self._env_ref[k] = (_bands(np.pad(now_playing, (0, FRAME - now_playing.size)))
-                            if now_playing.size else SILENT)
+        self._raw[REF, k] = 0.0
+        self._raw[REF, k, :now_playing.size] = now_playing
+        self._raw[IN, k] = mic
         if self._render.size == 0 and self._idle >= IDLE_AFTER_FRAMES:
-            self._env_out[k] = _bands(mic)
-            self._env_in[k] = self._env_out[k]
+            self._raw[OUT, k] = mic
             self._active[k] = False
             return mic
         ref = self._render[:FRAME]
@@ -179,8 +184,7 @@ class EchoCanceller:
         frame = rtc.AudioFrame(float_to_pcm16(mic), MODEL_RATE, 1, FRAME)
         self._apm.process_stream(frame)
         out = pcm16_to_float(bytes(frame.data))
-        self._env_out[k] = _bands(out)
-        self._env_in[k] = _bands(mic)
+        self._raw[OUT, k] = out
         self._active[k] = True
         if self.frames % LAG_EVERY_FRAMES == 0:
             self._measure_lag()
@@ -194,6 +198,7 @@ class EchoCanceller:
         the reply?), averaged. Near 1 for echo however garbled, low for a person, also for
         one speaking when the reply had paused. None when there was no reference to echo (no
         reply audio) or the stretch is too short to tell."""
+        self._update_envelopes()
         end = min(end, self.frames)
         start = max(start, self.frames - HISTORY_FRAMES + MAX_LAG_FRAMES, 0)
         if self.echo_lag is None:  # not measured yet: the best lag within reach
@@ -203,7 +208,7 @@ class EchoCanceller:
         best: tuple[float, int] | None = None
         for lag in lags:
             corr = [self._correlation(env, start, end, lag)
-                    for env in (self._env_in, self._env_out)]
+                    for env in (self._env[IN], self._env[OUT])]
             if corr[0] is not None and corr[1] is not None:
                 best = max(best or (-1.0, lag), ((corr[0] + corr[1]) / 2, lag))
         if best is None:
@@ -215,8 +220,8 @@ class EchoCanceller:
         earlier, was sounding: echo can only be where the reply was (a person who goes on
         talking after the reply paused is not)."""
         stop = min(end, self.frames + lag)
-        power = np.sum(10.0 ** self._env_out[np.arange(start, stop) % HISTORY_FRAMES], axis=1)
-        ref = np.sum(10.0 ** self._env_ref[np.arange(start - lag, stop - lag) % HISTORY_FRAMES],
+        power = np.sum(10.0 ** self._env[OUT, np.arange(start, stop) % HISTORY_FRAMES], axis=1)
+        ref = np.sum(10.0 ** self._env[REF, np.arange(start - lag, stop - lag) % HISTORY_FRAMES],
                      axis=1)
         total = float(power.sum())
         return float(power[ref > SOUNDING].sum()) / total if total > 0 else 0.0
@@ -231,7 +236,15 @@ class EchoCanceller:
         if not self._active[ref_idx].any():
             return None
         heard = _standardise(env[np.arange(start, stop) % HISTORY_FRAMES])
-        return float(np.mean(heard * _standardise(self._env_ref[ref_idx])))
+        return float(np.mean(heard * _standardise(self._env[REF, ref_idx])))
+
+    def _update_envelopes(self) -> None:
+        """Compute the envelopes of the frames recorded since the last call."""
+        first = max(self._env_upto, self.frames - HISTORY_FRAMES)
+        if first < self.frames:
+            idx = np.arange(first, self.frames) % HISTORY_FRAMES
+            self._env[:, idx] = _bands(self._raw[:, idx])
+        self._env_upto = self.frames
 
     def _measure_lag(self) -> None:
         """Where the reply's echo is in the input (its lag after the schedule), from the last
@@ -239,21 +252,33 @@ class EchoCanceller:
         does. Judging a sound at that lag only, a person speaking while the reply has paused
         cannot look like echo of the reply's earlier words."""
         end = self.frames + MIN_LAG_FRAMES
-        scores = [(c, lag) for lag in range(MIN_LAG_FRAMES, MAX_LAG_FRAMES + 1)
-                  if (c := self._correlation(self._env_in, end - LAG_WINDOW_FRAMES, end, lag))
-                  is not None]
-        if scores and (best := max(scores))[0] >= LAG_MIN_CORRELATION:
-            self.echo_lag = best[1]
+        start = end - LAG_WINDOW_FRAMES
+        if start - MAX_LAG_FRAMES < max(0, self.frames - HISTORY_FRAMES):
+            return  # not enough history yet
+        self._update_envelopes()
+        heard = _standardise(self._env[IN, np.arange(start, end) % HISTORY_FRAMES])
+        lags = np.arange(MIN_LAG_FRAMES, MAX_LAG_FRAMES + 1)
+        idx = (np.arange(start, end)[None, :] - lags[:, None]) % HISTORY_FRAMES  # lag × frame
+        refs = _standardise(self._env[REF, idx], axis=1)
+        corr = np.einsum("lfb,fb->l", refs, heard) / heard.size
+        corr[~self._active[idx].any(axis=1)] = -1.0
+        best = int(np.argmax(corr))
+        if corr[best] >= LAG_MIN_CORRELATION:
+            self.echo_lag = int(lags[best])
 
-def _bands(x: Float32Array) -> Float32Array:
-    power = np.abs(np.fft.rfft(x)) ** 2
-    return np.log10(np.add.reduceat(power, BAND_EDGES)[:-1] + FLOOR).astype(np.float32)
+def _bands(frames: Float32Array) -> Float32Array:
+    """Log10 power per band (100 Hz to 4 kHz) of 10 ms frames (the last axis)."""
+    power = np.abs(np.fft.rfft(frames, axis=-1)) ** 2
+    bands = np.add.reduceat(power, BAND_EDGES, axis=-1)[..., :-1]
+    out: Float32Array = np.log10(bands + FLOOR).astype(np.float32)
+    return out
 
 
-def _standardise(env: Float32Array) -> Float32Array:
-    """Each band's envelope with its mean removed and scaled to unit spread (flat: zero)."""
-    centred = env - env.mean(axis=0)
-    spread = centred.std(axis=0)
+def _standardise(env: Float32Array, axis: int = 0) -> Float32Array:
+    """Each band's envelope with its mean over ``axis`` (time) removed and scaled to unit
+    spread (flat: zero)."""
+    centred = env - env.mean(axis=axis, keepdims=True)
+    spread = centred.std(axis=axis, keepdims=True)
     out: Float32Array = np.divide(centred, spread, out=np.zeros_like(centred),
                                   where=spread > 1e-3)
     return out

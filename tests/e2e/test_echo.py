@@ -145,10 +145,11 @@ def through_room(reply: Float32Array, echo_after_ms: int, gain_db: float,
 
 
 def cancel_scheduled(reply: Float32Array, mic: Float32Array) -> tuple[EchoCanceller, Float32Array]:
-    """The canceller as a session drives it: the reply sent 200 ms ahead of its schedule in
-    40 ms messages, the microphone in 20 ms messages."""
+    """The canceller as a session drives it: the microphone streaming in 20 ms messages, the
+    reply sent 200 ms ahead of its schedule."""
     clock = Clock()
     aec = EchoCanceller(16_000, clock=clock)
+    cancel(aec, clock, np.zeros(8000, dtype=np.float32))  # the microphone streams already
     pcm = float_to_pcm16(reply)
     lead = 2 * 16 * 200
     aec.played(pcm[:lead])
