@@ -92,9 +92,12 @@ def fixed_system_prompt(instructions: str, *, vision: bool) -> str:
     return f"{instructions}\n\n{CAMERA_RULE}" if vision else instructions
 
 
-# The echo check judges the latest stretch of the sound up to its last voiced frame: a person
-# who starts speaking while echo had already set off barge-in is judged by their own voice.
-ECHO_WINDOW_MS = 800
+# The echo check judges the latest stretch of the sound up to its last voiced frame (a person
+# who starts speaking while echo had already set off barge-in is judged by their own voice),
+# once it is long enough: over a shorter stretch one syllable's envelope matches another's
+# ("Stop." scored 0.74-0.86 against the reply's echo), so short sounds go by their words.
+ECHO_WINDOW_MS = 1000
+ECHO_MIN_MS = 800
 
 
 class _Stop(Exception):
@@ -315,6 +318,8 @@ class Session:
             return False
         end = self._listener.voiced_until_ms - self._playout_from_ms  # the sound, not the
         start = max(barge.voice_ms - self._playout_from_ms, end - ECHO_WINDOW_MS)  # silence after
+        if end - start < ECHO_MIN_MS:
+            return False
         similarity = self._playout.echo_similarity(start, end)
         log.debug("barge-in: echo similarity %s over %.0f..%.0f ms", similarity, start, end)
         return similarity is not None and similarity >= self.config.bargein.echo_similarity

@@ -19,14 +19,15 @@ Measured (bench/README.md): ~27 dB echo removed at
 80 ms / -6 dB with room reflections, the person's own speech kept.
 
 Alignment. AEC3 only cancels echo that comes *after* its reference, by at most about
-half a second (bench/echo.py: an echo 0 ms or less after the reference frame keeps all but
-2-5 dB; 5-400 ms loses 25-30 dB; 600 ms and more fails again). The FIFO hands each frame
-over when the server expects it to play, but a client that plays on arrival with no
-jitter buffer plays it right then (0 ms), and one whose clock runs a little ahead even
-earlier. So when reply audio starts after the FIFO ran dry, its first ``HEADROOM_MS`` are
-handed over at once: from then on the FIFO hands each frame over that much before its
-scheduled time, and every client from ~40 ms early to ~400 ms late (a jitter buffer,
-Bluetooth) falls in AEC3's window (bench/echo.py).
+half a second (bench/echo.py: an echo in the same 10 ms frame as its reference, or earlier,
+keeps all but 2-5 dB; 5-400 ms later loses 25-30 dB; 600 ms and more fails again). The FIFO
+hands each frame over when the server expects it to play, and a client that plays on
+arrival with no latency plays it right then: so each microphone frame is processed one
+frame late, with the reference of the next (10 ms of latency), and such a client's echo
+comes 10 ms after its reference. (Handing 100 ms of reference over ahead when reply audio
+starts widened the window further, but each pause of the reply loses that lead and
+handing it over again shifts AEC3's alignment: it failed within a few barge-in pauses.)
+The stream-delay hint (``set_stream_delay_ms``) does not widen AEC3's reach.
 
 Evidence. Whatever is left (a client outside that window, AEC3 still converging), what
 remains of echo follows the reply: louder where the reply was loud, in the same bands.
@@ -54,9 +55,6 @@ RESTART_S = 0.25
 # On a restart, reply audio that finished playing this long before the microphone audio
 # arrived is kept: the client's capture and network latency, and the room's echo tail.
 ECHO_TAIL_S = 0.25
-# How far the reference handed to AEC3 leads the server's play schedule (a burst of frames
-# when reply audio starts; 200 ms at once overruns AEC3's render buffer, 100 ms does not).
-HEADROOM_MS = 100
 # Envelope history kept for ``similarity``, and the lags searched (echo after its schedule).
 HISTORY_FRAMES = 800  # 8 s
 MAX_LAG_FRAMES = 100  # 1 s: past AEC3's own reach (~500 ms), where echo passes it whole
@@ -84,13 +82,9 @@ class EchoCanceller:
                           soxr.ResampleStream(output_rate, MODEL_RATE, 1, dtype="float32"))
         self._max_render = MODEL_RATE * max_lead_ms // 1000
         self._render = np.zeros(0, dtype=np.float32)
-        # the same audio on the server's schedule (one frame per microphone frame, no lead):
-        # what the client is expected to play now, for the envelopes of ``similarity``
-        self._scheduled = np.zeros(0, dtype=np.float32)
         self._mic = np.zeros(0, dtype=np.float32)
         self._idle = IDLE_AFTER_FRAMES  # frames since the last reply audio
-        self._ahead = 0  # reference frames still to hand over ahead of the microphone
-        self._owed = 0  # reference frames handed over ahead, to be paid back in silence
+        self._held = np.zeros(FRAME, dtype=np.float32)  # the microphone frame held back
         self._render_end = 0.0  # wall time when the reply audio sent so far has played
         self._mic_at: float | None = None  # wall time the microphone stream has reached
         # per 10 ms output frame: band log-energies of the output and of its reference
@@ -108,32 +102,19 @@ class EchoCanceller:
         x = pcm16_to_float(pcm)
         if self._to_model is not None:
             x = np.asarray(self._to_model.resample_chunk(x), dtype=np.float32)
-        streaming = self._mic_at is not None and self._clock() - self._mic_at <= RESTART_S
-        if self._render.size == 0 and self._owed == 0 and streaming:
-            # reply audio starts while the microphone streams: hand the lead over (with no
-            # microphone audio coming, AEC3 would pair it with the next words instead)
-            self._ahead = HEADROOM_MS * MODEL_RATE // 1000 // FRAME
         self._render = np.concatenate([self._render, x])[-self._max_render:]
-        self._scheduled = np.concatenate([self._scheduled, x])[-self._max_render:]
         self._render_end = max(self._render_end, self._clock()) + x.size / MODEL_RATE
         self._idle = 0
-        while self._ahead and self._render.size >= FRAME:
-            ref, self._render = self._render[:FRAME], self._render[FRAME:]
-            self._apm.process_reverse_stream(
-                rtc.AudioFrame(float_to_pcm16(ref), MODEL_RATE, 1, FRAME))
-            self._ahead -= 1
-            self._owed += 1
 
     def forget_unplayed(self) -> None:
         """The client dropped the reply audio it had not played yet (a cut): that audio never
         reaches the room, so it must not stay in the reference either (it would misalign the
         next reply's echo by as much)."""
         self._render = np.zeros(0, dtype=np.float32)
-        self._scheduled = np.zeros(0, dtype=np.float32)
         self._render_end = min(self._render_end, self._clock())
 
     def capture(self, mic: Float32Array) -> Float32Array:
-        """16 kHz mono microphone audio with the reply's echo removed (≤ 10 ms held back)."""
+        """16 kHz mono microphone audio with the reply's echo removed (10-20 ms held back)."""
         now = self._clock()
         if self._mic_at is None or now - self._mic_at > RESTART_S:
             self._drop_played(now)
@@ -150,23 +131,21 @@ class EchoCanceller:
     def _drop_played(self, now: float) -> None:
         """The microphone stream (re)starts now: reply audio that had finished playing
         before it began cannot be in it."""
-        for name in ("_render", "_scheduled"):
-            fifo = getattr(self, name)
-            head = self._render_end - fifo.size / MODEL_RATE  # when the FIFO's head played
-            stale = int((now - ECHO_TAIL_S - head) * MODEL_RATE)
-            if stale > 0:
-                setattr(self, name, fifo[stale:])
-        self._owed = 0  # the lead is handed over again with the next reply audio
+        head = self._render_end - self._render.size / MODEL_RATE  # when the FIFO's head played
+        stale = int((now - ECHO_TAIL_S - head) * MODEL_RATE)
+        if stale > 0:
+            self._render = self._render[stale:]
 
     def _frame(self, mic: Float32Array) -> Float32Array:
+        """One 10 ms frame through AEC3: the reference frame due now, with the microphone frame
+        before this one (held back one frame: the reference leads the echo by 10 ms more)."""
+        mic, self._held = self._held, mic
         k = self.frames % HISTORY_FRAMES
         self.frames += 1
-        now_playing, self._scheduled = self._scheduled[:FRAME], self._scheduled[FRAME:]
-        self._raw[REF, k] = 0.0
-        self._raw[REF, k, :now_playing.size] = now_playing
         self._raw[IN, k] = mic
         if self._render.size == 0 and self._idle >= IDLE_AFTER_FRAMES:
             self._raw[OUT, k] = mic
+            self._raw[REF, k] = 0.0
             self._active[k] = False
             return mic
         ref = self._render[:FRAME]
@@ -176,15 +155,12 @@ class EchoCanceller:
         else:
             ref = np.pad(ref, (0, FRAME - ref.size))
             self._idle += 1
-        if ref.size == FRAME and not ref.any() and self._owed and not self._render.size:
-            self._owed -= 1  # silence: the lead handed over is paid back, AEC3's count holds
-        else:
-            self._apm.process_reverse_stream(
-                rtc.AudioFrame(float_to_pcm16(ref), MODEL_RATE, 1, FRAME))
+        self._apm.process_reverse_stream(rtc.AudioFrame(float_to_pcm16(ref), MODEL_RATE, 1, FRAME))
         frame = rtc.AudioFrame(float_to_pcm16(mic), MODEL_RATE, 1, FRAME)
         self._apm.process_stream(frame)
         out = pcm16_to_float(bytes(frame.data))
         self._raw[OUT, k] = out
+        self._raw[REF, k] = ref
         self._active[k] = True
         if self.frames % LAG_EVERY_FRAMES == 0:
             self._measure_lag()

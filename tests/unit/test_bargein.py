@@ -243,7 +243,7 @@ async def test_backchannel_noise_and_echo_do_not_interrupt(sound: str) -> None:
         assert exchange.assistant == REPLY
 
 
-@pytest.mark.parametrize("ms", [600, 2000], ids=["short", "longer than interrupt_after_ms"])
+@pytest.mark.parametrize("ms", [1000, 2000], ids=["1 s", "longer than interrupt_after_ms"])
 async def test_a_sound_that_follows_the_reply_is_echo_whatever_its_words(ms: int) -> None:
     """Garbled residual echo transcribed as words the reply never said ("the amp.") is still
     echo when the microphone follows the reply's audio: no cut, no turn, the reply goes on."""
@@ -259,15 +259,20 @@ async def test_a_sound_that_follows_the_reply_is_echo_whatever_its_words(ms: int
         # judged on the microphone stretch of the sound (positions in the playout's stream:
         # the sound began after 1.9 s of question and silence), at most its last second
         start, end = playout.asked[0]
-        assert start >= 1900 - 100 and 0 < end - start <= 1000
+        assert start >= 1900 - 100 and 800 <= end - start <= 1000
         assert room.played_ms(1) == pytest.approx(
             sum(c.duration_ms for c in room.session._reply.spoken), abs=1)  # type: ignore[union-attr]
 
 
-async def test_the_same_words_that_do_not_follow_the_reply_interrupt() -> None:
-    async with open_room(similarity=0.2) as room:
+@pytest.mark.parametrize(("similarity", "ms"), [(0.2, 1000), (0.9, 500)],
+                         ids=["not following the reply", "too short to tell"])
+async def test_the_same_words_that_do_not_follow_the_reply_interrupt(similarity: float,
+                                                                     ms: int) -> None:
+    """A sound that does not follow the reply, or is too short for its envelope to tell
+    (one syllable's matches another's: "Stop."), goes by its words."""
+    async with open_room(similarity=similarity) as room:
         await ask_and_wait_for_audio(room, 1000)
-        await room.speak(tone(800, 600), silence(900))
+        await room.speak(tone(800, ms), silence(900))
         await room.until(lambda: bool(room.of(ReplyInterrupted)))
         await room.until(lambda: len(room.of(ReplyStarted)) == 2)
         assert [t.text for t in room.of(Transcript) if t.final] == [SCRIPT[200], SCRIPT[800]]
