@@ -54,8 +54,8 @@ class BargeInConfig:
     min_words: int = 1  # recognised words (not backchannels, not echo) that interrupt
     interrupt_after_ms: int = 1200  # speech this long interrupts without waiting for words
     echo_overlap: float = 0.7  # an utterance whose words are mostly the reply's is echo
-    # a sound whose band envelopes follow the reply's audio this closely is its echo
-    # (streaming/echo.py ``similarity``; measured in bench/echo.py)
+    # a sound that went on for interrupt_after_ms without words is echo, not a cut, when
+    # its band envelopes follow the reply's audio this closely (streaming/echo.py)
     echo_similarity: float = 0.5
     backchannels: dict[str, frozenset[str]] = field(default_factory=lambda: dict(BACKCHANNELS))
 

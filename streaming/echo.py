@@ -30,10 +30,10 @@ handing it over again shifts AEC3's alignment: it failed within a few barge-in p
 The stream-delay hint (``set_stream_delay_ms``) does not widen AEC3's reach.
 
 Evidence. Whatever is left (a client outside that window, AEC3 still converging), what
-remains of echo follows the reply: louder where the reply was loud, in the same bands.
-``similarity`` measures that (per-band log-energy envelopes of the output and of the
-reference, correlated at the best lag): near 1 for residual echo however garbled, low for
-a person, so barge-in can tell one from the other without trusting the words.
+remains of echo follows the reply: louder where the reply was loud, in the same bands, at
+the echo's lag. ``similarity`` measures that from per-band log-energy envelopes of the
+input, the output and the reference: near 1 for residual echo however garbled, low for a
+person's sentence, so barge-in can tell one from the other without trusting the words.
 """
 
 from __future__ import annotations
