@@ -168,11 +168,6 @@ class Listener:
         return self._seg.speaking
 
     @property
-    def position_ms(self) -> float:
-        """How much input audio has been listened to."""
-        return self._samples * 1000 / MODEL_RATE
-
-    @property
     def voiced_until_ms(self) -> float:
         """Input position where the latest voiced frame ended."""
         return self._last_voiced * 1000 / MODEL_RATE
