@@ -18,7 +18,8 @@ question and waits until about a second of the reply has played, then:
 * echo: no sound from the person; the loudspeaker leaks back 0, 80 or 250 ms after the
   audio arrived (the server's schedule, or a jitter buffer later) at -12, -6 or 0 dB, with
   room noise, the client declaring no echo cancellation (so the server's AEC3 runs):
-  ``--echo-trials`` per condition (6: 54 in all). A reply.interrupted or a user turn made of
+  ``--echo-trials`` per condition (6: 54 in all); and 700 ms late at -6 and 0 dB, out of
+  AEC3's reach, where only the decision can keep the echo from cutting the reply. A reply.interrupted or a user turn made of
   the reply counts as a self-interruption. The last row has no AEC anywhere (client claims
   it, server trusts it): the transcript checks alone.
 
@@ -192,6 +193,8 @@ async def main_async(trials: int, parts: set[str], echo_trials: int, headphones:
         print(f"{'delay ms':>8} {'level dB':>8} {'AEC':>7} {'trials':>6} {'self-interruptions':>18}")
         conditions = [(d, g, False) for d in (0, 80, 250) for g in (-12, -6, 0)
                       if "echo" in parts]
+        # a loudspeaker 700 ms late (Bluetooth): out of AEC3's reach, the echo passes whole
+        conditions += [(700, g, False) for g in (-6, 0) if "echo" in parts]
         if "no-aec" in parts:
             conditions.append((80, -6, True))
         total = bad_total = 0

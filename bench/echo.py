@@ -11,8 +11,9 @@ silero VAD still hears as voice in the cancelled echo, how much of a person's sp
 over the echo survives (voiced ms with and without the echo), and the real-time factor
 (the CPU share of one session's echo handling while a reply plays). Then the alignment:
 a client playing the reply before or after the server's schedule, with the ERLE in the
-first second and after, the voice VAD still hears, and the echo similarity barge-in uses
-(streaming/echo.py) for the echo alone and for a person speaking over it.
+first second and after, the voice VAD still hears, and the voice beyond the echo barge-in
+asks for (streaming/echo.py): the most of it in any second of the echo alone, and in a
+person's words over the echo.
 Then a client that sends microphone audio only while the person talks: the reply plays
 with no microphone audio coming, and the person's question follows after a pause (on a
 virtual clock); prints what of the question survives the canceller.
@@ -112,23 +113,26 @@ def main() -> None:
 def alignment(vad: SileroVad, reply: Float32Array, person: Float32Array) -> None:
     """When the client plays the reply relative to the server's schedule: on arrival (up to
     the 200 ms lead early), on time with no latency, or late (jitter buffer, Bluetooth)."""
-    threshold = BargeInConfig().echo_similarity
+    threshold = BargeInConfig().voice_beyond_echo_ms
     half = reply.size // 2
-    frames = (half // 160, (half + person.size) // 160)  # the person's words, 10 ms frames
-    print(f"\nclient playing the reply early (-) or late (+), -6 dB, reflections; echo "
-          f"similarity over {person.size / 16000:.1f} s (echo >= {threshold} is echo):")
+    lead = 25 * 2 + 1  # 10 ms frames of microphone before the reply, and the frame held back
+    frames = (half // 160 + lead, (half + person.size) // 160 + lead)  # the person's words
+    print(f"\nclient playing the reply early (-) or late (+), -6 dB, reflections; voice beyond "
+          f"the echo (a person at >= {threshold} ms): most in any 1 s of echo alone, and in the "
+          f"person's {person.size / 16000:.1f} s over it:")
     print(f"{'played ms':>9} {'ERLE 1st s':>10} {'ERLE after':>10} {'voice left ms':>13} "
-          f"{'similarity: echo only':>21} {'person over echo':>16}")
+          f"{'beyond: echo only':>17} {'person over echo':>16}")
     for after in (-150, -90, -40, 0, 80, 250, 400, 500, 700):
         mic = heard_in_room(reply, after, -6)
         aec, out, _ = run(reply, mic)
         first = slice(0, 16000)
-        echo_only = aec.similarity(*frames)
+        echo_only = max((aec.voice_beyond_echo_ms(s, s + 100) or 0)
+                        for s in range(max(lead, aec.frames - 500), aec.frames - 100, 50))
         aec2, _, _ = run(reply, with_person(mic, person, half))
-        over = aec2.similarity(*frames)
+        over = aec2.voice_beyond_echo_ms(*frames)
         print(f"{after:9d} {db(mic[first]) - db(out[first]):10.1f} "
               f"{db(mic[16000:out.size]) - db(out[16000:]):10.1f} "
-              f"{voiced_ms(vad, out[16000:]):13d} {nan(echo_only):21.2f} {nan(over):16.2f}",
+              f"{voiced_ms(vad, out[16000:]):13d} {echo_only:17d} {nan(over):16.0f}",
               flush=True)
 
 

@@ -15,6 +15,12 @@ How a reply is interrupted (docs/ARCHITECTURE.md, "Barge-in"):
      ``interrupt_after_ms`` of continuous speech → a real interruption: the
      reply is cut (queued audio dropped, LLM and TTS cancelled), the history
      keeps only what was heard, and the utterance becomes the next turn.
+3. When the server cancels the client's echo, words are not enough: what AEC3
+   leaves of the echo can be transcribed as anything ("the amp.", "and I do.").
+   The sound must also have been louder than the reply's echo can be for
+   ``voice_beyond_echo_ms`` (streaming/echo.py), else it is echo: no cut, no
+   turn. This also holds for a second after the reply played, while its echo
+   can still come back; a person answering then makes a turn and cuts nothing.
 """
 
 from __future__ import annotations
@@ -54,9 +60,9 @@ class BargeInConfig:
     min_words: int = 1  # recognised words (not backchannels, not echo) that interrupt
     interrupt_after_ms: int = 1200  # speech this long interrupts without waiting for words
     echo_overlap: float = 0.7  # an utterance whose words are mostly the reply's is echo
-    # a sound that went on for interrupt_after_ms without words is echo, not a cut, when
-    # its band envelopes follow the reply's audio this closely (streaming/echo.py)
-    echo_similarity: float = 0.5
+    # with server-side echo cancellation, a sound over the reply is the person's only when
+    # it was louder than the reply's echo can be for this long (streaming/echo.py)
+    voice_beyond_echo_ms: int = 50
     backchannels: dict[str, frozenset[str]] = field(default_factory=lambda: dict(BACKCHANNELS))
 
 

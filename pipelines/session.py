@@ -92,11 +92,12 @@ def fixed_system_prompt(instructions: str, *, vision: bool) -> str:
     return f"{instructions}\n\n{CAMERA_RULE}" if vision else instructions
 
 
-# The echo check judges the last second of a sound that went on for interrupt_after_ms with
-# no words to judge it by. Words are not judged by it: over a second or less one syllable's
-# envelope can match another's (a real "Stop." scored 0.74-0.86 against the reply's echo,
-# "Hold on a second." was missed 3 times in 20: bench/README.md).
-ECHO_WINDOW_MS = 1000
+# A sound over the reply is judged from a little before its voice was noticed (the onset the
+# voice detector needs to be sure of it) to its latest voiced frame. Over a long sound the
+# echo's prediction misses a frame here and there (20-30 ms in 3 s of echo passing AEC3
+# whole): the voice beyond it must also be this share of the stretch.
+ONSET_MS = 300
+BEYOND_SHARE = 0.04
 
 
 class _Stop(Exception):
@@ -274,7 +275,7 @@ class Session:
 
     def on_voice(self, t_ms: int) -> None:
         if self.config.bargein.enabled and self._barge is None:
-            turn = self._audible()
+            turn = self._audible(echo=True)
             if turn is not None:
                 self._barge = _BargeIn(turn, self._played_ms(turn) - ECHO_LOOKBACK_MS, t_ms)
                 if self._playout is not None:
@@ -306,23 +307,26 @@ class Session:
         turn = barge.turn  # echo can only be of the audio sent since shortly before the voice
         sent = self._playout.sent_ms(turn.turn_id) if self._playout is not None else math.inf
         echoed = said_between(turn.spoken, barge.echo_from_ms, sent)
-        return content_words(text, language, echoed, cfg) >= cfg.min_words
+        return (content_words(text, language, echoed, cfg) >= cfg.min_words
+                and not self._only_echo(barge))
 
-    def _sounds_like_echo(self, barge: _BargeIn) -> bool:
-        """Whether the sound so far follows the reply's audio as its echo does
-        (streaming/echo.py, ``similarity``)."""
+    def _only_echo(self, barge: _BargeIn) -> bool:
+        """Whether the sound so far held nothing the reply's echo cannot account for, when the
+        server cancels this client's echo (streaming/echo.py, ``voice_beyond_echo_ms``):
+        whatever words AEC3's leftovers were transcribed as, they are not the person's."""
         if self._playout is None or self._listener is None:
             return False
-        end = self._listener.voiced_until_ms - self._playout_from_ms  # the sound, not the
-        start = max(barge.voice_ms - self._playout_from_ms, end - ECHO_WINDOW_MS)  # silence after
-        similarity = self._playout.echo_similarity(start, end)
-        log.debug("barge-in: echo similarity %s over %.0f..%.0f ms", similarity, start, end)
-        return similarity is not None and similarity >= self.config.bargein.echo_similarity
+        end = self._listener.voiced_until_ms - self._playout_from_ms
+        start = barge.voice_ms - ONSET_MS - self._playout_from_ms
+        beyond = self._playout.voice_beyond_echo_ms(start, end)
+        log.debug("barge-in: %s ms of voice beyond the echo over %.0f..%.0f ms", beyond, start, end)
+        return beyond is not None and beyond < max(self.config.bargein.voice_beyond_echo_ms,
+                                                   BEYOND_SHARE * (end - start))
 
     async def _interrupt_after(self, barge: _BargeIn) -> None:
         await asyncio.sleep(self.config.bargein.interrupt_after_ms / 1000)
         if (self._barge is barge and not barge.dismissed and self._listener is not None
-                and self._listener.voicing and not self._sounds_like_echo(barge)):
+                and self._listener.voicing and not self._only_echo(barge)):
             self._interrupt()
 
     def _end_barge(self) -> None:
@@ -449,14 +453,16 @@ class Session:
         if self._playout is not None:
             await self._playout.room()
 
-    def _audible(self) -> Turn | None:
-        """The released reply while it is being prepared, sent or played."""
+    def _audible(self, *, echo: bool = False) -> Turn | None:
+        """The released reply while it is being prepared, sent or played (``echo``: or can
+        still be heard back in the microphone)."""
         turn = self._reply
         if turn is None or turn.heard is not None:
             return None
         if self._playing is not None and not self._playing.done():
             return turn
-        if self._playout is not None and self._playout.audible(turn.turn_id):
+        if self._playout is not None and (self._playout.echoing(turn.turn_id) if echo
+                                          else self._playout.audible(turn.turn_id)):
             return turn
         return None
 
@@ -478,8 +484,8 @@ class Session:
         if barge is not None and barge.timer is not None:
             barge.timer.cancel()
         turn = self._reply
-        if turn is None or turn.heard is not None:
-            if self._playout is not None:
+        if turn is None or turn.heard is not None or self._audible() is None:
+            if self._playout is not None:  # nothing left to cut (it may still echo)
                 self._playout.resume()
             return
         played = self._played_ms(turn)

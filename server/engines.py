@@ -115,7 +115,7 @@ def session_config(settings: Settings) -> SessionConfig:
                                 speculative_final=a.speculative_final),
         bargein=BargeInConfig(enabled=b.enabled, min_words=b.min_words,
                               interrupt_after_ms=b.interrupt_after_ms, echo_overlap=b.echo_overlap,
-                              echo_similarity=b.echo_similarity, backchannels=backchannels),
+                              voice_beyond_echo_ms=b.voice_beyond_echo_ms, backchannels=backchannels),
         turn=TurnConfig(max_tokens=m.max_tokens),
         vision=VisionConfig(interval_s=vis.interval_s, change_threshold=vis.change_threshold,
                             memory=vis.memory, in_prompt=vis.in_prompt),

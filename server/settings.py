@@ -144,10 +144,10 @@ class BargeInSettings(_Section):
                                     "without waiting for words")
     echo_overlap: float = Field(0.7, gt=0, le=1, description="share of an utterance's words "
                                 "found in the reply that makes it echo")
-    echo_similarity: float = Field(0.5, gt=0, le=1, description="how closely a sound that "
-                                   "went on over the reply for interrupt_after_ms with no "
-                                   "words must follow the reply's audio to be its echo "
-                                   "(server-side echo cancellation only)")
+    voice_beyond_echo_ms: int = Field(50, ge=10, description="how long a sound over the reply "
+                                      "(and 4 % of it) must be louder than the reply's echo can "
+                                      "be to cut it, "
+                                      "whatever its words (server-side echo cancellation only)")
     backchannels: dict[str, list[str]] = Field(
         default_factory=dict, description="more backchannels per language, added to the built-in "
         "lists (pipelines/bargein.py)")

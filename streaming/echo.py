@@ -29,11 +29,14 @@ starts widened the window further, but each pause of the reply loses that lead a
 handing it over again shifts AEC3's alignment: it failed within a few barge-in pauses.)
 The stream-delay hint (``set_stream_delay_ms``) does not widen AEC3's reach.
 
-Evidence. Whatever is left (a client outside that window, AEC3 still converging), what
-remains of echo follows the reply: louder where the reply was loud, in the same bands, at
-the echo's lag. ``similarity`` measures that from per-band log-energy envelopes of the
-input, the output and the reference: near 1 for residual echo however garbled, low for a
-person's sentence, so barge-in can tell one from the other without trusting the words.
+Evidence. Whatever AEC3 leaves (a client outside that window, AEC3 still converging or
+thrown off by a change of the echo's delay) can be transcribed as words, so barge-in does
+not trust words alone over a reply. Echo can only be as loud as the reply made it: the
+echo's lag is measured from per-band log-energy envelopes (100 Hz-4 kHz, 10 ms) of the
+input and the reference, the echo path's gain per band is fitted, and
+``voice_beyond_echo_ms`` counts the frames where the microphone held clearly more than
+that predicts: a person's voice over the echo, between its words or after it; none for
+echo however garbled. It reads the input, not AEC3's output, so it holds whatever AEC3 did.
 """
 
 from __future__ import annotations
@@ -55,22 +58,38 @@ RESTART_S = 0.25
 # On a restart, reply audio that finished playing this long before the microphone audio
 # arrived is kept: the client's capture and network latency, and the room's echo tail.
 ECHO_TAIL_S = 0.25
-# Envelope history kept for ``similarity``, and the lags searched (echo after its schedule).
+# Envelope history kept for ``voice_beyond_echo_ms``, and the lags searched (echo after its
+# schedule).
 HISTORY_FRAMES = 800  # 8 s
 MAX_LAG_FRAMES = 100  # 1 s: past AEC3's own reach (~500 ms), where echo passes it whole
 MIN_LAG_FRAMES = -20  # a client playing on arrival: up to the 200 ms lead before schedule
 # The echo's lag is measured every second of playback over the last 1.5 s of input and
-# trusted when the input follows the reference this well; a sound is judged at it +- 30 ms.
+# trusted when the input follows the reference this well (or over at least LAG_MIN_FRAMES of
+# the sound being judged, before the first measurement).
 LAG_EVERY_FRAMES = 100
 LAG_WINDOW_FRAMES = 150
+LAG_MIN_FRAMES = 50
 LAG_MIN_CORRELATION = 0.5
-LAG_SLACK_FRAMES = 3
+# The echo a frame can hold: the reference from SMEAR_PRE frames after the echo's lag (the lag
+# jitters) to SMEAR_FRAMES before it, each frame further back weighed down by SMEAR_DECAY
+# (the room's reflections and reverberation), times the echo path's gain per band, fitted
+# over up to FIT_FRAMES before the sound and the sound itself (at least MIN_FIT_FRAMES where
+# the reference sounded). Input EXCESS_DB above that is more than echo (bench/echo.py:
+# echo alone 0-30 ms of it in any second, from -12 to 0 dB, on time to 700 ms late; a
+# person's "No." or "Stop." over it 60-250 ms).
+SMEAR_PRE = 2
+SMEAR_FRAMES = 12
+SMEAR_DECAY = 0.5
+FIT_FRAMES = 200
+MIN_FIT_FRAMES = 20
+EXCESS_DB = 8.0
+_SMEAR_WEIGHTS = np.concatenate([np.ones(SMEAR_PRE), SMEAR_DECAY ** np.arange(SMEAR_FRAMES)])
 # rfft bins of a 10 ms frame (100 Hz each) grouped into bands for the envelopes: 100 Hz to
 # 4 kHz, where speech has its energy (above it, room noise would dilute the measure)
 BAND_EDGES = np.array([1, 3, 5, 8, 12, 17, 24, 32, 40])
 FLOOR = 1e-6  # band power of silence
 SOUNDING = 1e-2  # reference power (100 Hz-4 kHz, summed over bands) of a sounding frame
-IN, OUT, REF = 0, 1, 2  # the recorded streams: microphone in, AEC3's output, the reference
+IN, REF = 0, 1  # the recorded streams: microphone in, the reference
 
 
 class EchoCanceller:
@@ -87,11 +106,10 @@ class EchoCanceller:
         self._held = np.zeros(FRAME, dtype=np.float32)  # the microphone frame held back
         self._render_end = 0.0  # wall time when the reply audio sent so far has played
         self._mic_at: float | None = None  # wall time the microphone stream has reached
-        # per 10 ms output frame: band log-energies of the output and of its reference
-        # the last frames as they were (microphone in, out, reference on schedule), their
-        # envelopes computed in batches when needed (one FFT call for many frames)
-        self._raw = np.zeros((3, HISTORY_FRAMES, FRAME), dtype=np.float32)
-        self._env = np.zeros((3, HISTORY_FRAMES, BAND_EDGES.size - 1), dtype=np.float32)
+        # the last 10 ms frames as they were (microphone in, reference on schedule), their
+        # band log-energies computed in batches when needed (one FFT call for many frames)
+        self._raw = np.zeros((2, HISTORY_FRAMES, FRAME), dtype=np.float32)
+        self._env = np.zeros((2, HISTORY_FRAMES, BAND_EDGES.size - 1), dtype=np.float32)
         self._env_upto = 0  # frames whose envelopes are computed
         self._active = np.zeros(HISTORY_FRAMES, dtype=bool)  # the frame had a reference
         self.frames = 0  # output frames so far (position of the output stream, 10 ms each)
@@ -144,7 +162,6 @@ class EchoCanceller:
         self.frames += 1
         self._raw[IN, k] = mic
         if self._render.size == 0 and self._idle >= IDLE_AFTER_FRAMES:
-            self._raw[OUT, k] = mic
             self._raw[REF, k] = 0.0
             self._active[k] = False
             return mic
@@ -159,60 +176,63 @@ class EchoCanceller:
         frame = rtc.AudioFrame(float_to_pcm16(mic), MODEL_RATE, 1, FRAME)
         self._apm.process_stream(frame)
         out = pcm16_to_float(bytes(frame.data))
-        self._raw[OUT, k] = out
         self._raw[REF, k] = ref
         self._active[k] = True
         if self.frames % LAG_EVERY_FRAMES == 0:
             self._measure_lag()
         return out
 
-    def similarity(self, start: int, end: int) -> float | None:
-        """How much the microphone frames ``start``..``end`` (positions in ``frames``) follow
-        the reference, as echo does: the correlation of per-band log-energy envelopes (each
-        band's own mean and spread removed) with the reference's at the echo's lag, for the
-        input (is the reply's echo in it?) and for the output (is what AEC3 left of it still
-        the reply?), averaged. Near 1 for echo however garbled, low for a person, also for
-        one speaking when the reply had paused. None when there was no reference to echo (no
-        reply audio) or the stretch is too short to tell."""
+    def voice_beyond_echo_ms(self, start: int, end: int) -> int | None:
+        """How long, in the microphone frames ``start``..``end`` (positions in ``frames``),
+        the input held clearly more sound than the reply's echo can account for: a person's
+        voice over it (or after it), not what is left of the echo however garbled. The echo
+        each frame can hold is predicted from the reference at the echo's lag (its peaks
+        smeared over the room's reflections) through the echo path's gain per band, fitted
+        on the frames around it where the reference was loud; a frame counts when the input
+        is ``EXCESS_DB`` above that prediction plus the room's noise. It uses the input, not
+        AEC3's output, so it holds whether or not AEC3 could cancel the echo. None when no
+        reply audio was sounding there (nothing to tell apart)."""
         self._update_envelopes()
         end = min(end, self.frames)
-        start = max(start, self.frames - HISTORY_FRAMES + MAX_LAG_FRAMES, 0)
-        if self.echo_lag is None:  # not measured yet: the best lag within reach
-            lags = range(MIN_LAG_FRAMES, MAX_LAG_FRAMES + 1)
-        else:
-            lags = range(self.echo_lag - LAG_SLACK_FRAMES, self.echo_lag + LAG_SLACK_FRAMES + 1)
-        best: tuple[float, int] | None = None
-        for lag in lags:
-            corr = [self._correlation(env, start, end, lag)
-                    for env in (self._env[IN], self._env[OUT])]
-            if corr[0] is not None and corr[1] is not None:
-                best = max(best or (-1.0, lag), ((corr[0] + corr[1]) / 2, lag))
-        if best is None:
+        oldest = max(self.frames - HISTORY_FRAMES + MAX_LAG_FRAMES + SMEAR_FRAMES, 0)
+        start = max(start, oldest)
+        first = max(start - FIT_FRAMES, oldest)  # the fit also sees the echo before the sound
+        if end - start < 1:
             return None
-        return best[0] * self._while_sounding(start, end, best[1])
+        lag = (self.echo_lag if self.echo_lag is not None
+               else self._best_lag(first, min(end, self.frames + MIN_LAG_FRAMES)))
+        if lag is None:
+            return None
+        frames = np.arange(first, end)
+        heard = 10.0 ** self._env[IN, frames % HISTORY_FRAMES]  # frame x band power
+        # the reference that can be echoed in each frame: from SMEAR_PRE frames after the
+        # lag (jitter) to SMEAR_FRAMES before it (reflections), later ones weighed down
+        offsets = np.arange(-SMEAR_PRE, SMEAR_FRAMES)
+        at = frames[:, None] - lag - offsets[None, :]
+        ref = 10.0 ** self._env[REF, at % HISTORY_FRAMES] * _SMEAR_WEIGHTS[None, :, None]
+        ref[~self._kept(at)] = 0.0  # before the history, or an early echo's not here yet
+        echo = ref.max(axis=1)
+        total = echo.sum(axis=1)
+        sounding = total > SOUNDING
+        if not sounding[start - first:].any() or sounding.sum() < MIN_FIT_FRAMES:
+            return None
+        loud = sounding & (total >= np.median(total[sounding]))
+        gain = np.median(heard[loud] / echo[loud], axis=0)  # the echo path per band
+        power = heard.sum(axis=1)
+        live = power > 10 * FLOOR * heard.shape[1]  # the room's noise, not digital silence
+        noise = np.percentile(heard[live] if live.sum() >= MIN_FIT_FRAMES else heard, 10, axis=0)
+        predicted = (gain * echo + noise).sum(axis=1)
+        beyond = (power > predicted * 10 ** (EXCESS_DB / 10)) & (power > 10 * noise.sum())
+        return int(beyond[start - first:].sum()) * 1000 * FRAME // MODEL_RATE
 
-    def _while_sounding(self, start: int, end: int, lag: int) -> float:
-        """The share of the output's energy in frames whose reference, ``lag`` frames
-        earlier, was sounding: echo can only be where the reply was (a person who goes on
-        talking after the reply paused is not)."""
-        stop = min(end, self.frames + lag)
-        power = np.sum(10.0 ** self._env[OUT, np.arange(start, stop) % HISTORY_FRAMES], axis=1)
-        ref = np.sum(10.0 ** self._env[REF, np.arange(start - lag, stop - lag) % HISTORY_FRAMES],
-                     axis=1)
-        total = float(power.sum())
-        return float(power[ref > SOUNDING].sum()) / total if total > 0 else 0.0
-
-    def _correlation(self, env: Float32Array, start: int, end: int, lag: int) -> float | None:
-        """Correlation of ``env`` over frames start..end with the reference ``lag`` frames
-        earlier (None: no reference then, or too short a stretch)."""
-        stop = min(end, self.frames + lag)  # an early echo's reference is not here yet
-        if stop - start < 20 or start - lag < 0:  # 200 ms: too short to tell
+    def _best_lag(self, start: int, end: int) -> int | None:
+        """The lag the input follows the reference best at over these frames (before the
+        first measurement), when it does."""
+        if end - start < LAG_MIN_FRAMES:
             return None
-        ref_idx = np.arange(start - lag, stop - lag) % HISTORY_FRAMES
-        if not self._active[ref_idx].any():
-            return None
-        heard = _standardise(env[np.arange(start, stop) % HISTORY_FRAMES])
-        return float(np.mean(heard * _standardise(self._env[REF, ref_idx])))
+        corr = self._lag_correlations(start, end)
+        best = int(np.argmax(corr))
+        return int(MIN_LAG_FRAMES + best) if corr[best] >= LAG_MIN_CORRELATION else None
 
     def _update_envelopes(self) -> None:
         """Compute the envelopes of the frames recorded since the last call."""
@@ -225,22 +245,33 @@ class EchoCanceller:
     def _measure_lag(self) -> None:
         """Where the reply's echo is in the input (its lag after the schedule), from the last
         while of playback: the lag the input follows the reference best at, when it clearly
-        does. Judging a sound at that lag only, a person speaking while the reply has paused
-        cannot look like echo of the reply's earlier words."""
+        does."""
         end = self.frames + MIN_LAG_FRAMES
         start = end - LAG_WINDOW_FRAMES
         if start - MAX_LAG_FRAMES < max(0, self.frames - HISTORY_FRAMES):
             return  # not enough history yet
         self._update_envelopes()
+        lag = self._best_lag(start, end)
+        if lag is not None:
+            self.echo_lag = lag
+
+    def _lag_correlations(self, start: int, end: int) -> Float32Array:
+        """Per lag (MIN_LAG_FRAMES..MAX_LAG_FRAMES), how the input's band envelopes over these
+        frames follow the reference's (-1 where there was no reference)."""
         heard = _standardise(self._env[IN, np.arange(start, end) % HISTORY_FRAMES])
         lags = np.arange(MIN_LAG_FRAMES, MAX_LAG_FRAMES + 1)
-        idx = (np.arange(start, end)[None, :] - lags[:, None]) % HISTORY_FRAMES  # lag × frame
-        refs = _standardise(self._env[REF, idx], axis=1)
-        corr = np.einsum("lfb,fb->l", refs, heard) / heard.size
-        corr[~self._active[idx].any(axis=1)] = -1.0
-        best = int(np.argmax(corr))
-        if corr[best] >= LAG_MIN_CORRELATION:
-            self.echo_lag = int(lags[best])
+        at = np.arange(start, end)[None, :] - lags[:, None]  # lag × frame
+        kept = self._kept(at)
+        env = np.where(kept[..., None], self._env[REF, at % HISTORY_FRAMES], np.log10(FLOOR))
+        refs = _standardise(env, axis=1)
+        corr: Float32Array = np.einsum("lfb,fb->l", refs, heard) / max(heard.size, 1)
+        corr[~(self._active[at % HISTORY_FRAMES] & kept).any(axis=1)] = -1.0
+        return corr
+
+    def _kept(self, at: np.ndarray) -> np.ndarray:
+        """Which frame positions the history holds."""
+        return (at >= max(0, self.frames - HISTORY_FRAMES)) & (at < self.frames)
+
 
 def _bands(frames: Float32Array) -> Float32Array:
     """Log10 power per band (100 Hz to 4 kHz) of 10 ms frames (the last axis)."""

@@ -22,6 +22,9 @@ from streaming.echo import FRAME, EchoCanceller
 from streaming.events import Event
 
 KEEP_TURNS = 8  # sent_ms is remembered for this many recent turns
+# When the server cancels the client's echo, a reply can still be heard back this long after
+# it played: the room's delay and reverberation, the microphone's way back, voice detection.
+ECHO_TAIL_MS = 1000
 
 
 @dataclass(slots=True)
@@ -92,6 +95,14 @@ class Playout:
             return True
         return (self._last_turn == turn_id
                 and self._clock() < self._play_end + self.client_buffer_ms / 1000)
+
+    def echoing(self, turn_id: int) -> bool:
+        """Whether the turn's audio can still be in the microphone input: while it is audible,
+        and for ``ECHO_TAIL_MS`` more when the server cancels this client's echo."""
+        if self.audible(turn_id):
+            return True
+        return (self.echo is not None and self._last_turn == turn_id
+                and self._clock() < self._play_end + (self.client_buffer_ms + ECHO_TAIL_MS) / 1000)
 
     def queued_ms(self, turn_id: int | None = None) -> float:
         n = sum(len(s.pcm) for s in self._queue if turn_id is None or s.turn_id == turn_id)
@@ -192,16 +203,16 @@ class Playout:
         self.mic_samples += out.size
         return out
 
-    def echo_similarity(self, start_ms: float, end_ms: float) -> float | None:
-        """How closely the microphone audio between these positions of the ``mic`` stream
-        follows the reply audio, as echo does (EchoCanceller.similarity); None when the
-        server cancels no echo for this client or no reply audio was playing."""
+    def voice_beyond_echo_ms(self, start_ms: float, end_ms: float) -> int | None:
+        """How long the microphone audio between these positions of the ``mic`` stream held
+        more than the reply's echo (EchoCanceller.voice_beyond_echo_ms); None when the server
+        cancels no echo for this client or no reply audio was sounding then."""
         if self.echo is None:
             return None
         frame_ms = 1000 * FRAME / MODEL_RATE
         base = self._echo_from * 1000 / MODEL_RATE
-        return self.echo.similarity(int((start_ms - base) // frame_ms),
-                                    int((end_ms - base) // frame_ms) + 1)
+        return self.echo.voice_beyond_echo_ms(int((start_ms - base) // frame_ms),
+                                              int((end_ms - base) // frame_ms) + 1)
 
     async def paced(self, chunk_ms: int, lead_ms: int) -> AsyncIterator[bytes]:
         """Queued audio in chunks of ``chunk_ms``, sent as soon as the client holds less than

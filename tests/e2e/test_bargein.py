@@ -175,7 +175,7 @@ async def test_echo_at_minus_6_db_is_not_the_person(app: App, lines: dict[str, n
 # A client without echo cancellation plays the reply as it arrives (on the server's schedule,
 # or later after a jitter buffer) through a small room back into its live microphone: the
 # reply must never cut itself off nor answer its own words (issue 17: 3 of 8 replies were).
-ECHO_ROOMS = [(0, -6), (250, 0), (80, -12)]
+ECHO_ROOMS = [(0, -6), (250, 0), (80, -12), (700, -6)]
 
 
 @pytest.mark.parametrize(("delay_ms", "gain_db"), ECHO_ROOMS)

@@ -91,27 +91,32 @@ async def test_heard_is_what_was_sent_minus_what_the_client_still_holds() -> Non
     assert playout.audible(1)  # still queued
 
 
-async def test_echo_similarity_is_asked_in_the_microphone_streams_positions() -> None:
+async def test_voice_beyond_the_echo_is_asked_in_the_microphone_streams_positions() -> None:
     """The microphone stream's position runs on across a new echo canceller (session.start
     again on a resumed session): a stretch is found where its audio went through."""
     rng = np.random.default_rng(0)
     playout = Playout(RATE, client_aec=False)
-    assert playout.echo_similarity(0, 1000) is None  # nothing heard yet
+    assert playout.voice_beyond_echo_ms(0, 1000) is None  # nothing heard yet
     playout.mic(np.zeros(RATE, dtype=np.float32))  # 1 s of silence, no reply audio
     assert playout.mic_samples == RATE
-    assert playout.echo_similarity(0, 1000) is None  # no reply played: nothing to echo
+    assert playout.voice_beyond_echo_ms(0, 1000) is None  # no reply played: nothing to echo
     playout.reconfigure(RATE, client_aec=False)
-    reply = (0.3 * rng.standard_normal(RATE) * np.repeat(rng.random(50), 320)).astype(np.float32)
+    reply = (0.3 * rng.standard_normal(2 * RATE) * np.repeat(rng.random(100), 320)
+             ).astype(np.float32)
     playout.put(1, (reply * 32767).astype("<i2").tobytes())
-    # the reply comes back 100 ms before its time, where AEC3 cannot remove it
-    early = np.concatenate([reply[1600:], np.zeros(1600, dtype=np.float32)])
-    for k in range(50):
+    # the reply comes back 100 ms before its time, where AEC3 cannot remove it; in the
+    # second second a voice much louder than it joins (a 300 Hz tone, 0.4 s)
+    mic = 0.5 * np.concatenate([reply[1600:], np.zeros(1600, dtype=np.float32)])
+    voice = RATE + np.arange(RATE * 4 // 10)
+    mic[voice] += 0.9 * np.sin(2 * np.pi * 300 * voice / RATE).astype(np.float32)
+    for k in range(100):
         playout.take(640)
-        playout.mic(early[k * 320:(k + 1) * 320] * 0.5)
-    assert playout.mic_samples == 2 * RATE
-    similarity = playout.echo_similarity(1000, 2000)  # the second second of the stream ...
+        playout.mic(mic[k * 320:(k + 1) * 320])
+    assert playout.mic_samples == 3 * RATE
     assert playout.echo is not None
-    assert similarity is not None and similarity == playout.echo.similarity(0, 101)  # ... is
-    assert similarity > 0.2  # the canceller's first second, where the reply came back
-    assert playout.echo_similarity(0, 900) is None  # before this canceller: unknown
-    assert Playout(RATE).echo_similarity(0, 1000) is None  # the client cancels its own echo
+    first = playout.voice_beyond_echo_ms(1000, 2000)  # the first second of this canceller ...
+    assert first is not None and first == playout.echo.voice_beyond_echo_ms(0, 101)  # ... is
+    second = playout.voice_beyond_echo_ms(2000, 3000)
+    assert first < 50 and second is not None and second >= 200  # echo alone; the voice
+    assert playout.voice_beyond_echo_ms(0, 900) is None  # before this canceller: unknown
+    assert Playout(RATE).voice_beyond_echo_ms(0, 1000) is None  # the client cancels its own echo
