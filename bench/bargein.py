@@ -19,8 +19,9 @@ question and waits until about a second of the reply has played, then:
   audio arrived (the server's schedule, or a jitter buffer later) at -12, -6 or 0 dB, with
   room noise, the client declaring no echo cancellation (so the server's AEC3 runs):
   ``--echo-trials`` per condition (6: 54 in all); and 700 ms late at -6 and 0 dB, out of
-  AEC3's reach, where only the decision can keep the echo from cutting the reply. A reply.interrupted or a user turn made of
-  the reply counts as a self-interruption. The last row has no AEC anywhere (client claims
+  AEC3's reach, where only the decision can keep the echo from cutting the reply
+  (``--delays`` picks some). A reply.interrupted or a user turn made of the reply counts
+  as a self-interruption. The last row has no AEC anywhere (client claims
   it, server trusts it): the transcript checks alone.
 
 Targets: 0 self-interruptions, >= 19 of 20 interruptions with onset -> audio stops p95 <= 300 ms.
@@ -153,7 +154,8 @@ def speaker_room(headphones: bool, seed: int = 0) -> EchoRoom:
     return EchoRoom(24_000, delay_ms=80, gain_db=-6, noise_db=-50, seed=seed)
 
 
-async def main_async(trials: int, parts: set[str], echo_trials: int, headphones: bool) -> None:
+async def main_async(trials: int, parts: set[str], echo_trials: int, headphones: bool,
+                     delays: set[int]) -> None:
     v = voice()
     server = spawn_server(Path("bench/results/bargein.log"))
     client_aec = headphones  # a speaker declares no echo cancellation: the server's runs
@@ -192,9 +194,9 @@ async def main_async(trials: int, parts: set[str], echo_trials: int, headphones:
               "the audio arrived):")
         print(f"{'delay ms':>8} {'level dB':>8} {'AEC':>7} {'trials':>6} {'self-interruptions':>18}")
         conditions = [(d, g, False) for d in (0, 80, 250) for g in (-12, -6, 0)
-                      if "echo" in parts]
+                      if "echo" in parts and d in delays]
         # a loudspeaker 700 ms late (Bluetooth): out of AEC3's reach, the echo passes whole
-        conditions += [(700, g, False) for g in (-6, 0) if "echo" in parts]
+        conditions += [(700, g, False) for g in (-6, 0) if "echo" in parts and 700 in delays]
         if "no-aec" in parts:
             conditions.append((80, -6, True))
         total = bad_total = 0
@@ -223,12 +225,14 @@ def main() -> None:
     parser.add_argument("--parts", default="interrupt,false,echo,no-aec",
                         help="comma-separated: interrupt, false, echo, no-aec")
     parser.add_argument("--echo-trials", type=int, default=6, help="echo trials per condition")
+    parser.add_argument("--delays", default="0,80,250,700",
+                        help="echo trials: the loudspeaker's delays after arrival, ms")
     parser.add_argument("--headphones", action="store_true",
                         help="interruptions and false interruptions in a quiet room")
     args = parser.parse_args()
     t0 = time.monotonic()
     asyncio.run(main_async(args.trials, set(args.parts.split(",")), args.echo_trials,
-                           args.headphones))
+                           args.headphones, {int(d) for d in args.delays.split(",")}))
     print(f"\n(took {time.monotonic() - t0:.0f} s)")
 
 
