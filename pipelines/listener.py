@@ -23,6 +23,7 @@ Streaming ASR design (docs/ARCHITECTURE.md, "Streaming ASR"):
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -33,13 +34,15 @@ import numpy as np
 
 from pipelines.bargein import endpoint_silence_ms
 from pipelines.compute import Dropped, Priority
-from pipelines.engines.base import Asr, AsrResult, Vad
+from pipelines.engines.base import Asr, AsrResult, EndOfTurn, Vad
 from pipelines.segmenter import End, Noise, Onset, Pause, Resume, Segmenter, SegmenterConfig, Voice
 from pipelines.text import ZH_PROMPT
 from pipelines.text import words as text_words
 from streaming.audio import MODEL_RATE, Float32Array
 from streaming.channels import Channel
 from streaming.errors import VoxlensError
+
+log = logging.getLogger(__name__)
 
 PARTIAL_DEADLINE_S = 3.0  # a partial transcript later than this is dropped
 
@@ -81,11 +84,16 @@ def is_hallucination(result: AsrResult, voiced_ms: int) -> bool:
 @dataclass(frozen=True, slots=True)
 class EndpointConfig:
     """Endpoint silence by what the transcript so far says (the segmenter's ``silence_ms`` is
-    the normal case): shorter after a complete question, longer when the person trails off."""
+    the normal case): shorter after a complete question, longer when the person trails off;
+    and by how the speech sounded: ``complete_ms`` when the end-of-turn model, asked at the
+    pause, finds the turn finished with at least ``turn_threshold`` (unless the words trail
+    off: the two disagree, so the longer wait holds)."""
 
     adaptive: bool = True
     question_ms: int = 350
     incomplete_ms: int = 1100
+    complete_ms: int = 200
+    turn_threshold: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,14 +149,19 @@ class _Utterance:
     partial: asyncio.Task[None] | None = None
     partial_at: int = 0  # stream sample count when the last partial was requested
     speculation: asyncio.Task[AsrResult] | None = None
+    judging: asyncio.Task[None] | None = None  # the end-of-turn model, asked at the pause
+    finished: bool = False  # it found the turn finished (until the person speaks again)
+    text_ms: int | None = None  # the endpoint silence the transcript so far asks for
 
 
 class Listener:
     def __init__(self, vad: Vad, asr: Asr, conversation: Conversation,
                  config: ListenerConfig = ListenerConfig(), *, language: str | None = None,
                  session_id: str | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 turn: EndOfTurn | None = None) -> None:
         self.session_id = session_id
+        self._turn = turn
         self._vad = vad.new_stream()
         self._frame = vad.frame_samples
         self._asr = asr
@@ -204,17 +217,22 @@ class Listener:
                 case Onset(t_ms):
                     self._utt = _Utterance(self._conv.on_speech_started(t_ms), self.language,
                                            partial_at=self._samples)
-                case Pause(_, audio, voiced_ms) if self._utt and self.config.speculative_final:
-                    self._cancel_partial()
-                    self._utt.speculation = tg.create_task(
-                        self._speculate(self._utt, audio, voiced_ms))
+                case Pause(_, audio, voiced_ms) if self._utt:
+                    if self._turn is not None:
+                        self._utt.judging = tg.create_task(self._judge_turn(self._utt, audio))
+                    if self.config.speculative_final:
+                        self._cancel_partial()
+                        self._utt.speculation = tg.create_task(
+                            self._speculate(self._utt, audio, voiced_ms))
                 case Resume() if self._utt:
+                    self._stop_judging(self._utt)
                     if self._utt.speculation:
                         self._utt.speculation.cancel()
                         self._utt.speculation = None
                         self._conv.on_resumed(self._utt.turn_id)
                 case End(t_ms, audio, voiced_ms) if self._utt:
                     utt, self._utt = self._utt, None
+                    self._stop_judging(utt)
                     self._cancel_partial(utt)
                     self._conv.on_speech_stopped(t_ms)
                     self._finishing = tg.create_task(self._finish(
@@ -267,12 +285,43 @@ class Listener:
             self._conv.on_tentative(utt.turn_id, result.text, result.language)
         return result
 
+    async def _judge_turn(self, utt: _Utterance, audio: Float32Array) -> None:
+        """Ask the end-of-turn model whether the utterance so far sounds finished."""
+        assert self._turn is not None
+        try:
+            p = await self._turn.complete(audio, session=self.session_id)
+        except VoxlensError as e:  # the transcript's rules still end the turn
+            log.warning("end-of-turn model failed (%s)", e.code)
+            return
+        if self._utt is utt and self._seg.paused:
+            utt.finished = p >= self.config.endpoint.turn_threshold
+            self._set_endpoint(utt)
+
+    def _stop_judging(self, utt: _Utterance) -> None:
+        if utt.judging is not None:
+            utt.judging.cancel()
+            utt.judging = None
+        if utt.finished:
+            utt.finished = False
+            self._set_endpoint(utt)
+
     def _adapt_endpoint(self, text: str) -> None:
         e = self.config.endpoint
-        if e.adaptive:
-            self._seg.silence_ms = endpoint_silence_ms(
+        if e.adaptive and self._utt is not None:
+            self._utt.text_ms = endpoint_silence_ms(
                 text, question_ms=e.question_ms, normal_ms=self.config.segmenter.silence_ms,
                 incomplete_ms=e.incomplete_ms)
+            self._set_endpoint(self._utt)
+
+    def _set_endpoint(self, utt: _Utterance) -> None:
+        """The silence that ends the utterance now: the transcript's rule (else the normal
+        silence), shortened to ``complete_ms`` when the utterance sounds finished and its
+        words do not trail off."""
+        e = self.config.endpoint
+        ms = utt.text_ms if utt.text_ms is not None else self.config.segmenter.silence_ms
+        if utt.finished and ms < e.incomplete_ms:
+            ms = min(ms, e.complete_ms)
+        self._seg.silence_ms = ms
 
     async def _finish(self, utt: _Utterance, audio: Float32Array, voiced_ms: int,
                       speech_end: float, previous: asyncio.Task[None] | None) -> None:

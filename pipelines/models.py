@@ -252,6 +252,46 @@ def prepare_imagenet_labels(cache_dir: Path) -> Path:
     return target
 
 
+SMART_TURN_WHEEL = "pipecat-ai==1.14.0"  # carries smart-turn v3.2; only the model is used
+SMART_TURN_IN_WHEEL = "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
+
+
+def smart_turn_path(cache_dir: Path) -> Path:
+    return cache_dir / "smart-turn" / "smart-turn-v3.2-cpu.onnx"
+
+
+def prepare_smart_turn(cache_dir: Path) -> Path:
+    """smart-turn v3.2 (int8 ONNX, BSD-2-clause) and its licence, read out of the pipecat-ai
+    wheel (downloaded with pip, never installed: pipecat and its dependencies are not used)."""
+    target = smart_turn_path(cache_dir)
+    if target.is_file():
+        return target
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
+                        SMART_TURN_WHEEL], check=True)
+        wheel = next(Path(tmp).glob("pipecat_ai-*.whl"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as z:
+            licence = next(n for n in z.namelist() if n.endswith(".dist-info/licenses/LICENSE"))
+            (target.parent / "LICENSE").write_bytes(z.read(licence))
+            partial = target.with_suffix(".part")
+            partial.write_bytes(z.read(SMART_TURN_IN_WHEEL))
+    partial.replace(target)
+    return target
+
+
+def smart_turn(cache_dir: Path) -> Path:
+    path = smart_turn_path(cache_dir)
+    if not path.is_file():
+        raise ModelNotFound(f"smart-turn model missing at {path}; run `voxlens models`")
+    return path
+
+
 def imagenet_labels(cache_dir: Path) -> list[str]:
     path = imagenet_labels_path(cache_dir)
     if not path.is_file():

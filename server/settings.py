@@ -133,6 +133,14 @@ class VadSettings(_Section):
                                     "later when the transcript trails off")
     question_silence_ms: int = Field(350, ge=64)
     incomplete_silence_ms: int = Field(1100, ge=64)
+    turn_model: Literal["smart-turn", "none"] = Field(
+        "smart-turn", description="end-of-turn model asked at each pause: a turn that sounds "
+        "finished ends after complete_silence_ms")
+    turn_threshold: float = Field(0.5, gt=0, lt=1, description="smart-turn probability that "
+                                  "the turn is finished")
+    complete_silence_ms: int = Field(200, ge=64, description="endpoint silence after a turn "
+                                     "the end-of-turn model finds finished (unless its words "
+                                     "trail off)")
 
 
 class BargeInSettings(_Section):

@@ -65,6 +65,15 @@ class Llm(Protocol):
         ...
 
 
+class EndOfTurn(Protocol):
+    name: str
+
+    async def complete(self, audio: Float32Array, *, session: str | None = None) -> float:
+        """The probability that an utterance (16 kHz mono, ending in the silence now) is a
+        finished turn."""
+        ...
+
+
 class Tts(Protocol):
     name: str
     sample_rate: int

@@ -28,6 +28,23 @@ class FakeVad:
         return prob
 
 
+class FakeTurn:
+    """An end-of-turn model that finds every utterance finished with ``probability``, after
+    ``latency_s``."""
+
+    name = "fake-turn"
+
+    def __init__(self, probability: float, latency_s: float = 0.05) -> None:
+        self.probability = probability
+        self.latency_s = latency_s
+        self.calls: list[int] = []  # samples of each utterance asked about
+
+    async def complete(self, audio: Float32Array, *, session: str | None = None) -> float:
+        self.calls.append(audio.size)
+        await asyncio.sleep(self.latency_s)
+        return self.probability
+
+
 class FakeAsr:
     """Answers from a script (a fixed text or a function of the audio) after ``latency_s``."""
 

@@ -20,7 +20,7 @@ from pipelines.bargein import (
     is_echo,
     said_between,
 )
-from pipelines.engines.fakes import FakeAsr, FakeLlm, FakeTts, FakeVad
+from pipelines.engines.fakes import FakeAsr, FakeLlm, FakeTts, FakeTurn, FakeVad
 from pipelines.session import Engines, Session, SessionConfig
 from pipelines.turn import SpokenChunk
 from streaming.audio import Float32Array
@@ -135,11 +135,13 @@ class EchoingPlayout(Playout):
 
 
 @contextlib.asynccontextmanager
-async def open_room(beyond_echo_ms: int | None = None) -> AsyncIterator[Room]:
+async def open_room(beyond_echo_ms: int | None = None,
+                    turn: FakeTurn | None = None) -> AsyncIterator[Room]:
     """Opened inside each test: a fixture's timers would run on the real clock, not looptime."""
     loop = asyncio.get_running_loop()
     engines = Engines(FakeVad(), FakeAsr(transcribe, latency_s=0.2),
-                      FakeLlm(REPLY, first_token_s=0.1, token_s=0.03), FakeTts(RATE, ms_per_char=60))
+                      FakeLlm(REPLY, first_token_s=0.1, token_s=0.03), FakeTts(RATE, ms_per_char=60),
+                      turn=turn)
     session = Session("b1", engines, SessionConfig(output_rate=RATE), clock=loop.time)
     playout = (Playout(RATE, client_buffer_ms=0, clock=loop.time) if beyond_echo_ms is None else
                EchoingPlayout(beyond_echo_ms, client_buffer_ms=0, clock=loop.time))
@@ -401,3 +403,24 @@ async def test_endpoint_waits_longer_when_the_person_trails_off() -> None:
         start = await room.speak(tone(200, 1200), silence(1000))
         (t_stop, _), = [(t, e) for t, e in room.events if isinstance(e, SpeechStopped)]
         assert t_stop - (start + 1.2) < 0.5  # a complete question: 0.35 s
+
+
+@pytest.mark.parametrize("probability", [0.9, 0.1], ids=["sounds finished", "does not"])
+async def test_a_turn_that_sounds_finished_ends_after_a_short_silence(probability: float) -> None:
+    """The end-of-turn model is asked at the first silent frame: a turn it finds finished
+    ends after complete_ms (0.2 s), unless its words trail off ("… go to the": 1.1 s, the two
+    disagree); one it does not find finished waits by the transcript's rules."""
+    turn = FakeTurn(probability)
+    async with open_room(turn=turn) as room:
+        start = await room.speak(tone(200, 1200), silence(1000))
+        (t_stop, _), = [(t, e) for t, e in room.events if isinstance(e, SpeechStopped)]
+        waited = t_stop - (start + 1.2)
+        if probability > 0.5:
+            assert waited < 0.3  # 0.2 s of silence, not the question's 0.35 s
+        else:
+            assert 0.35 <= waited < 0.5
+        assert turn.calls and turn.calls[0] >= 16 * 1200  # the utterance so far
+        room.events.clear()
+        start = await room.speak(tone(600, 1200), silence(1600))
+        (t_stop, _), = [(t, e) for t, e in room.events if isinstance(e, SpeechStopped)]
+        assert t_stop - (start + 1.2) >= 1.1
