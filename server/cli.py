@@ -49,6 +49,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"  ok  EfficientNet-Lite0: {models.efficientnet_weights()}")
         print(f"  ok  ImageNet class names: {models.prepare_imagenet_labels(cache)}")
         print(f"  ok  smart-turn v3.2 (end of turn): {models.prepare_smart_turn(cache)}")
+        print(f"  ok  Moonshine tiny (English ASR): {models.prepare_moonshine(cache)}")
     except VoxlensError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 1

@@ -8,8 +8,10 @@ from pathlib import Path
 from pipelines import models
 from pipelines.bargein import BACKCHANNELS, BargeInConfig
 from pipelines.compute import Compute
+from pipelines.engines.asr_moonshine import MoonshineAsr
+from pipelines.engines.asr_routed import EnglishFirstAsr
 from pipelines.engines.asr_whisper import WhisperAsr
-from pipelines.engines.base import Llm, Tts, Vlm
+from pipelines.engines.base import Asr, Llm, Tts, Vlm
 from pipelines.engines.llm_llama import LlamaLlm
 from pipelines.engines.llm_openai import OpenAiLlm
 from pipelines.engines.tts_piper import PiperTts
@@ -25,7 +27,7 @@ from pipelines.text import words
 from pipelines.turn import TurnConfig
 from pipelines.vision import VisionConfig
 from pipelines.voices import Voices
-from server.settings import Settings
+from server.settings import MOONSHINE, Settings
 from streaming.errors import ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -35,11 +37,16 @@ def build_engines(settings: Settings, compute: Compute) -> Engines:
     cache = settings.models.cache_dir or models.default_cache_dir()
     vad = SileroVad(models.silero_vad_path(), threads=settings.vad.threads)
     a = settings.asr
-    asr = WhisperAsr(models.whisper_model(a.model, cache), compute, device=a.device,
-                     compute_type=a.compute_type, cpu_threads=a.threads, beam_size=a.beam_size,
-                     min_window_s=a.min_window_s, zh_script=a.zh_script,
-                     name=f"faster-whisper:{a.model}")
-    asr.warm_up()
+    whisper = WhisperAsr(models.whisper_model(a.whisper, cache), compute, device=a.device,
+                         compute_type=a.compute_type, cpu_threads=a.threads,
+                         beam_size=a.beam_size, min_window_s=a.min_window_s,
+                         zh_script=a.zh_script, name=f"faster-whisper:{a.whisper}")
+    whisper.warm_up()
+    asr: Asr = whisper
+    if a.model == MOONSHINE:
+        moonshine = MoonshineAsr(models.moonshine_tiny(cache), compute, threads=a.threads)
+        moonshine.warm_up()
+        asr = EnglishFirstAsr(moonshine, whisper)
     log.info("ASR ready: %s", asr.name)
     m = settings.llm
     llm: Llm

@@ -134,7 +134,7 @@ class VadSettings(_Section):
     question_silence_ms: int = Field(350, ge=64)
     incomplete_silence_ms: int = Field(1100, ge=64)
     turn_model: Literal["smart-turn", "none"] = Field(
-        "smart-turn", description="end-of-turn model asked at each pause: a turn that sounds "
+        "none", description="end-of-turn model asked at each pause: a turn that sounds "
         "finished ends after complete_silence_ms")
     turn_threshold: float = Field(0.5, gt=0, lt=1, description="smart-turn probability that "
                                   "the turn is finished")
@@ -165,9 +165,17 @@ class BargeInSettings(_Section):
                          "real time")
 
 
+MOONSHINE = "moonshine-tiny"
+
+
 class AsrSettings(_Section):
-    model: str = Field("base", description="'base' (packaged, multilingual), 'tiny.en' "
-                       "(packaged), a CTranslate2 model directory, or a faster-whisper name")
+    model: str = Field(MOONSHINE, description=f"'{MOONSHINE}' (packaged, English; other and "
+                       "undetected languages go to whisper_model), 'base' (packaged, "
+                       "multilingual), 'tiny.en' (packaged), a CTranslate2 model directory, "
+                       "or a faster-whisper name")
+    whisper_model: str = Field("base", description=f"with model = '{MOONSHINE}': the Whisper "
+                               "model for the languages it does not speak and for detecting "
+                               "the language")
     language: str | None = Field(None, description="e.g. 'en'; None detects it per utterance")
     zh_script: Literal["simplified", "traditional"] = Field(
         "simplified", description="the characters Mandarin transcripts are written in")
@@ -179,6 +187,11 @@ class AsrSettings(_Section):
                               "stock Whisper (slower, see bench/README.md)")
     partial_interval_ms: int = Field(700, ge=100)
     speculative_final: bool = True
+
+    @property
+    def whisper(self) -> str:
+        """The Whisper model: ``model``, or ``whisper_model`` beside Moonshine."""
+        return self.whisper_model if self.model == MOONSHINE else self.model
 
 
 class LlmSettings(_Section):

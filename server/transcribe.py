@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     language = None if language in (None, "auto") else language
 
     cache = settings.models.cache_dir or models.default_cache_dir()
-    model = load_model(models.whisper_model(settings.asr.model, cache), device=settings.asr.device,
+    model = load_model(models.whisper_model(settings.asr.whisper, cache), device=settings.asr.device,
                        compute_type=settings.asr.compute_type, threads=settings.asr.threads)
     transcriber = Transcriber(model, beam_size=settings.asr.beam_size, vad_filter=args.vad,
                               zh_script=settings.asr.zh_script)

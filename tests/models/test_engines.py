@@ -124,3 +124,51 @@ def test_assembled_models_are_verified(tmp_path: Path) -> None:
         models.verify(models.WHISPER_BASE, tmp_path, full=False)
     with pytest.raises(ModelNotFound, match="not prepared"):
         models.verify(models.QWEN_05B, tmp_path, full=False)
+
+
+async def test_moonshine_transcribes_real_english_speech(jfk: np.ndarray, compute: Compute,
+                                                         voice) -> None:  # type: ignore[no-untyped-def]
+    """Moonshine tiny, the English engine beside Whisper: recorded speech and the spoken
+    questions the benchmarks ask."""
+    from pipelines.engines.asr_moonshine import MoonshineAsr
+    from tests.conftest import speak
+
+    asr = MoonshineAsr(models.moonshine_tiny(CACHE), compute)
+    result = await asr.transcribe(jfk, language="en", priority=Priority.ASR_FINAL)
+    assert jiwer.wer(JFK, jiwer.RemovePunctuation()(result.text.lower())) <= 0.1, result.text
+    assert result.language == "en" and result.avg_logprob > -0.5
+    for question in ["What is the capital of France?", "How many legs does a spider have?"]:
+        audio, rate = speak(voice, question)
+        heard = await asr.transcribe(resample(audio, rate, 16000), language="en",
+                                     priority=Priority.ASR_FINAL)
+        assert heard.text == question
+    silence = await asr.transcribe(np.zeros(1600, dtype=np.float32), language="en",
+                                   priority=Priority.ASR_FINAL)  # shorter than its encoder's
+    assert isinstance(silence.text, str)  # window: padded, no error
+
+
+async def test_english_goes_to_moonshine_and_mandarin_to_whisper(
+        compute: Compute, testdata: Path) -> None:
+    from pipelines.engines.asr_moonshine import MoonshineAsr
+    from pipelines.engines.asr_routed import EnglishFirstAsr
+
+    class Counted:  # the real engine, remembering the languages it was asked in
+        def __init__(self, asr) -> None:  # type: ignore[no-untyped-def]
+            self.asr, self.name, self.asked = asr, asr.name, []
+
+        async def transcribe(self, audio, **kwargs):  # type: ignore[no-untyped-def]
+            self.asked.append(kwargs["language"])
+            return await self.asr.transcribe(audio, **kwargs)
+
+    whisper = Counted(WhisperAsr(models.whisper_model("base", CACHE), compute, cpu_threads=2))
+    moonshine = Counted(MoonshineAsr(models.moonshine_tiny(CACHE), compute))
+    routed = EnglishFirstAsr(moonshine, whisper)
+    zh, rate = read_wav(sorted((testdata / "zh").glob("*.wav"))[0])
+    detected = await routed.transcribe(resample(zh, rate, 16000), language=None,
+                                       priority=Priority.ASR_FINAL)
+    assert detected.language == "zh" and detected.text  # undetected: Whisper, which detects
+    jfk, rate = read_wav(testdata / "jfk.wav")
+    english = await routed.transcribe(resample(jfk, rate, 16000), language="en",
+                                      priority=Priority.ASR_FINAL)
+    assert "fellow americans" in english.text.lower()
+    assert whisper.asked == [None] and moonshine.asked == ["en"]

