@@ -137,7 +137,7 @@ def test_health_reports_models(server: Server) -> None:
     with urllib.request.urlopen(f"{server.http}/healthz") as r:
         body = json.load(r)
     assert body["ready"] is True
-    assert body["models"]["asr"] == "faster-whisper:base"
+    assert body["models"]["asr"] == "moonshine:tiny-en (en) + faster-whisper:base"
     assert body["models"]["llm"] == "llama.cpp:qwen2.5-0.5b"
     assert np.isfinite(body["sessions"])
 
