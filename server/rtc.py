@@ -10,6 +10,7 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
 from pipelines.session import Session
+from server.auth import AUTH
 from server.limits import client_of, expire_session, refusal
 from server.settings import Settings
 from server.state import STATE, AppState, Busy
@@ -32,8 +33,14 @@ def _configuration(settings: Settings) -> RTCConfiguration:
 
 
 async def webrtc_config(request: web.Request) -> web.Response:
-    """The ICE servers browsers should use (the same list the server uses)."""
+    """The ICE servers browsers should use (the same list the server uses). The path is open
+    (the page reads it), so on a server with access keys the servers that carry credentials
+    (TURN) are listed only for a request with a valid credential: the page sends the token it
+    connects with."""
     servers = request.app[STATE].settings.webrtc.ice_servers
+    auth = request.app[AUTH]
+    if auth.enabled and auth.authenticate(request) is None:
+        servers = [s for s in servers if s.username is None and s.credential is None]
     return web.json_response({"iceServers": [s.model_dump(exclude_none=True) for s in servers]})
 
 

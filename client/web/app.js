@@ -447,7 +447,11 @@ async function connect() {
     return;
   }
   let iceServers = [];  // the server's list (empty by default: no STUN server is ever assumed)
-  try { iceServers = (await (await fetch("/webrtc/config")).json()).iceServers || []; } catch (e) { /* keep none */ }
+  try {  // with the token: a server with keys lists its TURN credentials only then
+    const config = await fetch("/webrtc/config",
+                               token ? { headers: { Authorization: "Bearer " + token } } : {});
+    iceServers = (await config.json()).iceServers || [];
+  } catch (e) { /* keep none */ }
   pc = new RTCPeerConnection({ iceServers });
   channel = pc.createDataChannel("events");
   channel.onmessage = (m) => onEvent(JSON.parse(m.data));

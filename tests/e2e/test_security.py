@@ -562,3 +562,36 @@ async def test_logs_carry_no_transcript_reply_or_credential(secure: Secure, tls:
         assert text.lower().strip() not in logs, f"{text[:30]!r} is in a server log"
     secret = (secure.state_dir / "token_secret").read_text().strip().lower()
     assert secret not in logs
+
+
+async def test_turn_credentials_go_only_to_clients_with_a_credential(tmp_path: Path) -> None:
+    """/webrtc/config stays open (the page reads it), but on a server with keys the TURN
+    servers it lists, whose credentials let anyone relay through them, are given only to a
+    request with a valid key or token."""
+    turn = {"urls": ["turn:127.0.0.1:3478?transport=udp"], "username": "voxlens",
+            "credential": "turn-secret-7"}
+    stun = {"urls": ["stun:127.0.0.1:3478"]}
+    server = spawn_server(tmp_path / "turn.log", env={
+        "VOXLENS_AUTH__API_KEYS": json.dumps([KEY]),
+        "VOXLENS_AUTH__STATE_DIR": str(tmp_path / "state"),
+        "VOXLENS_WEBRTC__ICE_SERVERS": json.dumps([stun, turn]),
+        "VOXLENS_ASR__MODEL": "tiny.en", "VOXLENS_LLM__MODEL": "smollm2-135m",
+        "VOXLENS_VISION__ENGINE": "none", "VOXLENS_TTS__VOICES": '{"en": "joe"}'})
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{server.http}/v1/tokens", headers=bearer(KEY)) as r:
+                token = (await r.json())["token"]
+
+            async def config(headers: dict[str, str]) -> tuple[int, str]:
+                async with http.get(f"{server.http}/webrtc/config", headers=headers) as r:
+                    return r.status, await r.text()
+
+            for headers in [{}, bearer("not-a-key"), bearer(tampered(token))]:
+                status, body = await config(headers)
+                assert status == 200 and json.loads(body) == {"iceServers": [stun]}
+                assert "turn-secret-7" not in body
+            for credential in [KEY, token]:
+                status, body = await config(bearer(credential))
+                assert status == 200 and json.loads(body) == {"iceServers": [stun, turn]}
+    finally:
+        server.stop()
