@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipelines.compute import Compute, Priority
@@ -91,6 +91,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                                        limits=state.limits.message_limits()).run()
             finally:
                 expiry.cancel()
+    except Exception:  # a bug in this transport: this client alone is told, and closed
+        log.exception("session %s: the WebSocket transport failed", session.session_id)
+        with contextlib.suppress(Exception):
+            await ws.send_json(event_to_json(
+                Error("internal", "the session failed and was closed", True)))
+        await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal")
     finally:
         state.forget(session)
         await ws.close()

@@ -34,6 +34,8 @@ class MoonshineAsr:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # its idle threads must not spin: the cores are shared with Whisper, the LLM and TTS
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._encoder = ort.InferenceSession(str(model_dir / "encoder_model.ort"),
                                              sess_options=opts,
                                              providers=["CPUExecutionProvider"])

@@ -353,3 +353,28 @@ async def test_without_keys_the_client_is_the_address(tmp_path: Path, limit: str
             "session.ready", "session.ready", code]
         for peer in peers:
             await peer.close()
+
+
+async def test_a_bug_in_one_websocket_transport_closes_that_client_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure in the WebSocket adapter itself (not the session) tells that client
+    ``internal`` and closes it with 1011; the server and other sessions go on."""
+    from streaming.ws import WebSocketAdapter
+
+    handle = WebSocketAdapter._on_text
+
+    async def buggy(self: WebSocketAdapter, raw: str) -> bool:
+        if "trip the bug" in raw:
+            raise RuntimeError("a transport bug")
+        return await handle(self, raw)
+
+    monkeypatch.setattr(WebSocketAdapter, "_on_text", buggy)
+    async with serve(tmp_path, keys=False) as app:
+        bystander, victim = await app.open(""), await app.open("")
+        await victim.send({"type": "text", "text": "trip the bug"})
+        assert await victim.ended() == 1011
+        assert victim.events[-1]["type"] == "error"
+        assert victim.events[-1]["code"] == "internal" and victim.events[-1]["fatal"] is True
+        await bystander.answers()
+        await until(lambda: len(app.state.sessions) == 1, "the victim's session forgotten")
+        await bystander.close()
