@@ -232,7 +232,8 @@ class Listener:
                         self._conv.on_resumed(self._utt.turn_id)
                 case End(t_ms, audio, voiced_ms) if self._utt:
                     utt, self._utt = self._utt, None
-                    self._stop_judging(utt)
+                    if utt.judging is not None:  # (the segmenter has reset its silence)
+                        utt.judging.cancel()
                     self._cancel_partial(utt)
                     self._conv.on_speech_stopped(t_ms)
                     self._finishing = tg.create_task(self._finish(
@@ -298,6 +299,7 @@ class Listener:
             self._set_endpoint(utt)
 
     def _stop_judging(self, utt: _Utterance) -> None:
+        """The person speaks again: the judgement of the pause is void."""
         if utt.judging is not None:
             utt.judging.cancel()
             utt.judging = None

@@ -420,6 +420,8 @@ async def test_a_turn_that_sounds_finished_ends_after_a_short_silence(probabilit
         else:
             assert 0.35 <= waited < 0.5
         assert turn.calls and turn.calls[0] >= 16 * 1200  # the utterance so far
+        listener = room.session._listener
+        assert listener is not None and listener._seg.silence_ms == 500  # the next starts anew
         room.events.clear()
         start = await room.speak(tone(600, 1200), silence(1600))
         (t_stop, _), = [(t, e) for t, e in room.events if isinstance(e, SpeechStopped)]
