@@ -8,6 +8,9 @@ from typing import Literal, Protocol
 
 from pipelines.compute import Priority
 from streaming.audio import Float32Array
+from streaming.conversation import ToolSpec
+
+__all__ = ["ToolSpec"]  # defined with the other shared conversation types (streaming/conversation)
 from streaming.images import Image
 
 
@@ -44,24 +47,50 @@ class Asr(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """The LLM's request to call a tool; ``arguments`` is JSON text, as the model wrote it."""
+
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant message that calls tools
+    tool_call_id: str | None = None  # a ``tool`` message: the result of that call
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Per-reply overrides of the engine's defaults (None: the engine's own)."""
+
+    temperature: float | None = None
+    tool_choice: str = "auto"  # "auto", "none", "required" or a tool's name
+
+
+DEFAULT_SAMPLING = Sampling()
 
 
 class Llm(Protocol):
     name: str
 
     def stream(self, messages: Sequence[ChatMessage], *, max_tokens: int,
-               session: str | None = None) -> AsyncIterator[str]:
-        """Text deltas of the assistant's reply. Closing the iterator stops generation."""
+               session: str | None = None, tools: Sequence[ToolSpec] = (),
+               sampling: Sampling = DEFAULT_SAMPLING) -> AsyncIterator[str | ToolCall]:
+        """Text deltas of the assistant's reply, and a ToolCall for each tool it calls (after
+        its text, at the end of the reply). Closing the iterator stops generation."""
         ...
 
     def count_tokens(self, text: str) -> int: ...
 
-    async def prefill(self, messages: Sequence[ChatMessage], *, session: str | None = None) -> None:
+    async def prefill(self, messages: Sequence[ChatMessage], *, session: str | None = None,
+                      tools: Sequence[ToolSpec] = ()) -> None:
         """Optionally pre-compute the prompt's KV cache (a prompt that starts the same way
-        later costs only its new tokens). Background work; may do nothing."""
+        later costs only its new tokens; the tools the reply will be offered are part of
+        it). Background work; may do nothing."""
         ...
 
 
@@ -100,4 +129,15 @@ class Vlm(Protocol):
                    key: Hashable | None = None) -> str:
         """Text about an RGB image. Background work unless ``priority`` says otherwise;
         queued work with the same ``key`` is superseded (Dropped). Cancelling drops it."""
+        ...
+
+
+class ToolRunner(Protocol):
+    """Tools the server runs itself (MCP servers): offered to the LLM next to the client's."""
+
+    def specs(self) -> Sequence[ToolSpec]: ...
+
+    async def call(self, name: str, arguments: str, *, timeout_s: float) -> str:
+        """Run a tool with JSON ``arguments``; its result as text. Raises EngineError when the
+        tool fails, times out or does not exist. Cancelling it abandons the call."""
         ...

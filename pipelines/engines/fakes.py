@@ -8,7 +8,15 @@ from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 import numpy as np
 
 from pipelines.compute import Priority
-from pipelines.engines.base import AsrResult, ChatMessage, approx_tokens
+from pipelines.engines.base import (
+    DEFAULT_SAMPLING,
+    AsrResult,
+    ChatMessage,
+    Sampling,
+    ToolCall,
+    ToolSpec,
+    approx_tokens,
+)
 from streaming.audio import Float32Array
 
 
@@ -66,34 +74,51 @@ class FakeAsr:
         return AsrResult(text, language or self.language, 0.01, -0.2)
 
 
+Script = str | ToolCall | list[str | ToolCall]
+
+
 class FakeLlm:
-    """Streams a scripted reply word by word, ``token_s`` apart, after ``first_token_s``."""
+    """Streams a scripted reply word by word, ``token_s`` apart, after ``first_token_s``; a
+    ToolCall in the script is yielded as it is (at its place)."""
 
     name = "fake-llm"
 
-    def __init__(self, reply: str | Callable[[Sequence[ChatMessage]], str] = "Sure. Here it is.",
+    def __init__(self, reply: Script | Callable[[Sequence[ChatMessage]], Script] = "Sure. Here it is.",
                  first_token_s: float = 0.1, token_s: float = 0.02) -> None:
         self._reply = reply
         self.first_token_s = first_token_s
         self.token_s = token_s
         self.prompts: list[list[ChatMessage]] = []
         self.prefills: list[list[ChatMessage]] = []
+        self.tools: list[list[ToolSpec]] = []  # the tools offered with each prompt
+        self.samplings: list[Sampling] = []
 
-    async def prefill(self, messages: Sequence[ChatMessage], *, session: str | None = None) -> None:
+    async def prefill(self, messages: Sequence[ChatMessage], *, session: str | None = None,
+                      tools: Sequence[ToolSpec] = ()) -> None:
         self.prefills.append(list(messages))
 
     def count_tokens(self, text: str) -> int:
         return approx_tokens(text)
 
     async def stream(self, messages: Sequence[ChatMessage], *, max_tokens: int,
-                     session: str | None = None) -> AsyncIterator[str]:
+                     session: str | None = None, tools: Sequence[ToolSpec] = (),
+                     sampling: Sampling = DEFAULT_SAMPLING) -> AsyncIterator[str | ToolCall]:
         self.prompts.append(list(messages))
-        reply = self._reply(messages) if callable(self._reply) else self._reply
+        self.tools.append(list(tools))
+        self.samplings.append(sampling)
+        script = self._reply(messages) if callable(self._reply) else self._reply
         await asyncio.sleep(self.first_token_s)
-        words = reply.split(" ")
-        for i, word in enumerate(words[:max_tokens]):
-            yield word if i == 0 else " " + word
-            await asyncio.sleep(self.token_s)
+        n = 0
+        for part in script if isinstance(script, list) else [script]:
+            if isinstance(part, ToolCall):
+                yield part
+                continue
+            for word in part.split(" "):
+                if n >= max_tokens or not word:
+                    continue
+                yield word if n == 0 else " " + word
+                n += 1
+                await asyncio.sleep(self.token_s)
 
 
 class FakeTts:
