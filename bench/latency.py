@@ -1,6 +1,6 @@
 """Voice-to-voice latency at the client: voxlens's streaming pipeline vs a naive cascade.
 
-    .venv/bin/python -m bench.latency [--turns 12] [--language en|zh] [--designs streaming,naive]
+    .venv/bin/python -m bench.latency [--turns 12] [--language en|zh] [--designs streaming,realtime]
 
 Starts a server process (default settings, embedded models) that serves both
 designs with the same engines, speaks questions to it in real time over WebSocket,
@@ -136,6 +136,51 @@ async def measure_webrtc(url: str, audio, rate: int) -> Result:  # type: ignore[
     return (reply.first_audio_at - voiced_at) * 1000, reply.metrics, reply.text
 
 
+async def measure_realtime(url: str, audio, rate: int) -> Result:  # type: ignore[no-untyped-def]
+    """Over /v1/realtime with the official openai SDK (server VAD, 24 kHz PCM in 20 ms
+    appends in real time): to the first response.output_audio.delta."""
+    import base64
+    import time
+
+    import numpy as np
+    from openai import AsyncOpenAI
+
+    from client.wavio import last_voiced_sample
+    from streaming.audio import float_to_pcm16, resample
+
+    x = resample(audio, rate, 24_000)
+    end_voiced = last_voiced_sample(x, 24_000)
+    x = np.concatenate([x, np.zeros(24 * 1500, dtype=np.float32)])
+    step = 24 * 20
+    client = AsyncOpenAI(base_url=url.replace("ws://", "http://") + "/v1", api_key="loopback")
+    async with client.realtime.connect(model="voxlens") as conn:
+        first_audio: list[float] = []
+
+        async def read() -> str:
+            async for event in conn:
+                if event.type == "response.output_audio.delta" and not first_audio:
+                    first_audio.append(time.monotonic())
+                if event.type == "response.done":
+                    content = event.response.output[0].content  # type: ignore[union-attr]
+                    return str(content[0].transcript) if content else ""
+            return ""
+
+        reader = asyncio.create_task(read())
+        start = time.monotonic()
+        voiced_at = start
+        for k, i in enumerate(range(0, x.size, step)):
+            delay = start + k * 0.02 - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await conn.input_audio_buffer.append(
+                audio=base64.b64encode(float_to_pcm16(x[i:i + step])).decode())
+            if i < end_voiced <= i + step:
+                voiced_at = time.monotonic()
+        text = await asyncio.wait_for(reader, 60)
+    assert first_audio, "no reply audio"
+    return (first_audio[0] - voiced_at) * 1000, {}, text
+
+
 def english_questions(turns: int) -> list[tuple[str, object, int]]:
     from piper import PiperVoice
 
@@ -181,6 +226,7 @@ async def run(turns: int, base: str, language: str, only: list[str] | None) -> N
     designs = {
         "streaming": lambda a, r: measure(base + "/ws", a, r),
         "webrtc": lambda a, r: measure_webrtc(base, a, r),
+        "realtime": lambda a, r: measure_realtime(base, a, r),
         "naive": lambda a, r: measure(base + "/naive", a, r),
         "naive-short": lambda a, r: measure(base + "/naive-short", a, r),
     }
@@ -210,10 +256,16 @@ async def run(turns: int, base: str, language: str, only: list[str] | None) -> N
             continue
         ratio = pct(results[naive], .5) / pct(results["streaming"], .5)
         print(f"{naive} / streaming (p50): {ratio:.2f}x")
+    if "realtime" in results and "streaming" in results:
+        extra = pct(results["realtime"], .5) - pct(results["streaming"], .5)
+        print(f"realtime - streaming (p50): {extra:+.0f} ms")
     print("streaming: voxlens over WebSocket; webrtc: voxlens over WebRTC (Opus, jitter buffer);\n"
+          "realtime: voxlens over /v1/realtime with the openai SDK (24 kHz base64 PCM in JSON);\n"
           "naive: whole utterance → Whisper (30 s window) → whole answer → whole TTS → send;\n"
           "naive-short: the same cascade with voxlens's short-window Whisper")
     for design, per_stage in stages.items():
+        if not per_stage:
+            continue  # the Realtime protocol carries no stage timings
         print(f"\n{design} waterfall (server, median ms after end of speech):")
         for k, v in sorted(per_stage.items(), key=lambda kv: statistics.median(kv[1])):
             print(f"  {k:18s}{statistics.median(v):8.0f}")
@@ -224,7 +276,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=12)
     parser.add_argument("--language", choices=["en", "zh"], default="en")
     parser.add_argument("--designs", default="", help="comma-separated subset of "
-                        "streaming,webrtc,naive,naive-short (default: all)")
+                        "streaming,webrtc,realtime,naive,naive-short (default: all)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:

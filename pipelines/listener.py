@@ -176,6 +176,11 @@ class Listener:
         self._utt: _Utterance | None = None
         self._finishing: asyncio.Task[None] | None = None
 
+    def reconfigure(self, config: ListenerConfig) -> None:
+        """New settings, from the next frame on."""
+        self.config = config
+        self._seg.reconfigure(config.segmenter)
+
     @property
     def speaking(self) -> bool:
         return self._seg.speaking

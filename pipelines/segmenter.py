@@ -86,6 +86,13 @@ class Segmenter:
         self._pos = 0  # frames seen
         self._reset()
 
+    def reconfigure(self, config: SegmenterConfig) -> None:
+        """New thresholds, silence and padding; the stream's positions go on."""
+        self.config = config
+        self.silence_ms = config.silence_ms
+        pre = max(1, round(config.pad_ms / self.frame_ms))
+        self._preroll = collections.deque(self._preroll, maxlen=pre)
+
     def _reset(self) -> None:
         self._state = "idle"  # idle | candidate | speech
         self._frames = []

@@ -6,8 +6,9 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 from pipelines.bargein import (
     ECHO_LOOKBACK_MS,
@@ -16,15 +17,34 @@ from pipelines.bargein import (
     heard_text,
     said_between,
 )
-from pipelines.compute import Dropped
-from pipelines.engines.base import Asr, ChatMessage, EndOfTurn, Llm, Tts, Vad, Vlm
-from pipelines.history import History
-from pipelines.listener import Listener, ListenerConfig
+from pipelines.compute import Dropped, Priority
+from pipelines.engines.base import (
+    Asr,
+    ChatMessage,
+    EndOfTurn,
+    Llm,
+    ToolCall,
+    ToolRunner,
+    Tts,
+    Vad,
+    Vlm,
+)
+from pipelines.history import History, Item, Kind
+from pipelines.listener import Listener, ListenerConfig, is_hallucination
 from pipelines.text import main_script
+from pipelines.tools import APOLOGIES, FILLERS, ToolCalls, ToolsConfig
 from pipelines.turn import Turn, TurnConfig
 from pipelines.vision import CAMERA_RULE, Looker, VisionConfig, quote, refers_to_scene
 from streaming.audio import MODEL_RATE, Float32Array
 from streaming.channels import Channel
+from streaming.conversation import (
+    ReplyOptions,
+    ToolSpec,
+    call_item_id,
+    output_item_id,
+    reply_item_id,
+    user_item_id,
+)
 from streaming.errors import ProtocolError, VoxlensError
 from streaming.events import (
     AudioFormat,
@@ -35,6 +55,7 @@ from streaming.events import (
     SessionReady,
     SpeechStarted,
     SpeechStopped,
+    ToolCancelled,
     Transcript,
 )
 from streaming.images import Image
@@ -62,6 +83,7 @@ class Engines:
     tts: Tts
     vlm: Vlm | None = None  # None: camera frames are refused
     turn: EndOfTurn | None = None  # None: the endpoint waits by the transcript's rules only
+    tools: ToolRunner | None = None  # the server's own tools (MCP servers), if any
 
     def names(self) -> dict[str, str]:
         names = {"vad": type(self.vad).__name__, "asr": self.asr.name, "llm": self.llm.name,
@@ -87,6 +109,7 @@ class SessionConfig:
     output_rate: int = 24_000
     audio_queue: int = 100  # input chunks buffered before the transport waits
     event_queue: int = 512
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
 
 
 def fixed_system_prompt(instructions: str, *, vision: bool) -> str:
@@ -150,6 +173,14 @@ class Session:
         self._played: tuple[int, int] | None = None  # the client's last report: (turn, ms)
         self._barge: _BargeIn | None = None
         self._prefill: asyncio.Task[None] | None = None
+        self._utterance: int | None = None  # the turn id of the utterance being spoken
+        self.reply_options = ReplyOptions()  # how replies are made unless one says otherwise
+        self.auto_reply = True  # the person's finished utterance starts a reply
+        self._recent: deque[Turn] = deque(maxlen=8)  # released replies (truncating one)
+        self._committing: asyncio.Task[None] | None = None  # a committed utterance transcribing
+        self._language: str | None = None  # the language of the person's latest words
+        self.tools = ToolCalls(engines.tools, config.tools, on_output=self._tool_output,
+                               on_settled=self._tools_settled, on_filler=self._filler)
         self.on_metrics: Callable[[dict[str, float]], None] | None = None  # turn stage timings
         self.looker = (None if engines.vlm is None else
                        Looker(engines.vlm, config.vision, self._on_scene, session_id=session_id,
@@ -164,21 +195,27 @@ class Session:
                             AudioFormat(c.output_rate, 1), self.engines.names())
 
     def configure(self, *, input_rate: int, input_channels: int, output_rate: int,
-                  language: str | None, instructions: str | None) -> None:
+                  language: str | None, instructions: str | None,
+                  tools: Sequence[ToolSpec] = ()) -> None:
         """Apply ``session.start``; only before any audio or text."""
         self.last_input = self.clock()
         if self._started:
             raise ProtocolError("session.start must come before any audio or text",
                                 code="bad_state")
-        c = self.config
-        self.config = SessionConfig(
-            listener=c.listener, turn=c.turn, vision=c.vision, bargein=c.bargein,
-            system_prompt=instructions or c.system_prompt,
-            history_tokens=c.history_tokens, language=language if language else c.language,
-            input_rate=input_rate, input_channels=input_channels, output_rate=output_rate,
-            audio_queue=c.audio_queue, event_queue=c.event_queue)
+        self.config = replace(self.config, input_rate=input_rate, input_channels=input_channels,
+                              output_rate=output_rate)
+        self.update(instructions=instructions, language=language, tools=tools)
+
+    def update(self, *, instructions: str | None = None, language: str | None = None,
+               tools: Sequence[ToolSpec] | None = None) -> None:
+        """Change the instructions, language or the client's tools (None: unchanged); at any
+        time, for the next reply on."""
+        self.config = replace(self.config, system_prompt=instructions or self.config.system_prompt,
+                              language=language or self.config.language)
         if self._listener is not None:
             self._listener.language = self.config.language
+        if tools is not None:
+            self.tools.client = tuple(tools)
 
     async def push_audio(self, audio: Float32Array) -> None:
         """Queue 16 kHz mono audio; waits while the listener is behind. Cancelling drops it."""
@@ -218,6 +255,121 @@ class Session:
         self.last_input = self.clock()
         if not self._texts.put_nowait(text):
             raise ProtocolError("too many typed turns at once; wait for a reply", code="busy")
+
+    # ---- the conversation as items (the Realtime endpoint; tool results) --------------
+
+    @property
+    def instructions(self) -> str:
+        return self.config.system_prompt
+
+    @property
+    def client_tools(self) -> Sequence[ToolSpec]:
+        return self.tools.client
+
+    def detect_turns(self, *, threshold: float | None, silence_ms: int | None,
+                     prefix_ms: int | None, interrupt: bool) -> None:
+        """A client's server-VAD settings (None: the server's). A fixed silence replaces the
+        adaptive endpoint; ``interrupt``: speech over a reply cuts it."""
+        c = self.config
+        seg = c.listener.segmenter
+        seg = replace(seg, threshold=threshold if threshold is not None else seg.threshold,
+                      neg_threshold=min(seg.neg_threshold, threshold or seg.neg_threshold),
+                      silence_ms=silence_ms or seg.silence_ms, pad_ms=prefix_ms or seg.pad_ms)
+        endpoint = replace(c.listener.endpoint,
+                           adaptive=c.listener.endpoint.adaptive and silence_ms is None)
+        listener = replace(c.listener, segmenter=seg, endpoint=endpoint)
+        self.config = replace(c, listener=listener, bargein=replace(c.bargein, enabled=interrupt))
+        if self._listener is not None:
+            self._listener.reconfigure(listener)
+
+    def tool_result(self, call_id: str, output: str, *, respond: bool = True) -> None:
+        """The client's result of a ``tool.call``; ``respond``: the reply goes on with it once
+        every call of that reply has its result. Raises ProtocolError for a call not waiting."""
+        self.last_input = self.clock()
+        if self.tools.result(call_id, output) is not None and respond:
+            self.respond()
+
+    def add_message(self, kind: Kind, text: str, *, item_id: str | None = None,
+                    after: str | None = None) -> str:
+        """Put words in the conversation without a reply (a client's user or assistant
+        message); returns the item's id."""
+        self._started = True
+        self.last_input = self.clock()
+        if item_id is not None and self.history.find(item_id) is not None:
+            raise ProtocolError(f"item {item_id!r} exists already", code="bad_item")
+        if after is not None and after != "" and self.history.find(after) is None:
+            raise ProtocolError(f"no item {after!r} in the conversation", code="bad_item")
+        if kind == "user":
+            self._void_calls()
+        elif kind != "assistant":
+            raise ProtocolError("only user and assistant messages can be added", code="bad_item")
+        turn_id = self._new_turn_id()
+        item = Item(item_id or (user_item_id(turn_id) if kind == "user" else reply_item_id(turn_id)),
+                    kind, text)
+        self.history.add(item, after=after)
+        return item.id
+
+    def delete_item(self, item_id: str) -> None:
+        if not self.history.delete(item_id):
+            raise ProtocolError(f"no item {item_id!r} in the conversation", code="bad_item")
+
+    def truncate(self, item_id: str, audio_end_ms: int) -> str:
+        """The person heard a reply only up to ``audio_end_ms``: the history keeps that much of
+        it (a reply still playing is cut there). Returns the text kept."""
+        self.last_input = self.clock()
+        turn = next((t for t in self._recent if reply_item_id(t.turn_id) == item_id), None)
+        if turn is None:
+            raise ProtocolError(f"no reply item {item_id!r} to truncate", code="bad_item")
+        if turn is self._reply and self._audible() is not None:
+            self._played = (turn.turn_id, audio_end_ms)
+            self._interrupt()
+            return turn.heard or ""
+        heard = heard_text(turn.spoken, audio_end_ms)
+        if heard != turn.text.strip():
+            turn.heard = heard
+            if turn.reply_item is not None:
+                turn.reply_item.text = turn.reply_for_history()
+        return heard
+
+    def respond(self, options: ReplyOptions | None = None) -> int:
+        """Reply to the conversation as it stands (no new words); returns the reply's turn
+        id. A reply being made is cut first."""
+        self._started = True
+        self.last_input = self.clock()
+        turn_id = self._new_turn_id()
+        self._start_turn(turn_id, None, held=False, options=options)
+        return turn_id
+
+    def commit_audio(self, audio: Float32Array) -> int:
+        """An utterance the client delimited itself (no server VAD): transcribed into a user
+        item (``transcript`` event); no reply until ``respond``. Returns its turn id."""
+        if self._tg is None:
+            raise ProtocolError("session is not running", code="bad_state")
+        self._started = True
+        self.last_input = self.clock()
+        turn_id = self._new_turn_id()
+        previous = self._committing
+        self._committing = self._tg.create_task(self._transcribe(turn_id, audio, previous))
+        return turn_id
+
+    async def _transcribe(self, turn_id: int, audio: Float32Array,
+                          previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])  # in the order committed
+        try:
+            result = await self.engines.asr.transcribe(
+                audio, language=self.config.language, priority=Priority.ASR_FINAL,
+                session=self.session_id)
+        except VoxlensError as e:
+            self.on_error(e)
+            return
+        voiced_ms = audio.size * 1000 // MODEL_RATE
+        text = "" if is_hallucination(result, voiced_ms) else result.text
+        self._emit(Transcript(turn_id, text, True, result.language))
+        if text:
+            self._void_calls()
+            self._language = result.language
+            self.history.add(Item(user_item_id(turn_id), "user", text))
 
     def close(self, error: Error | None = None) -> None:
         """End the session; a fatal ``error`` (why the server ends it) is the client's last
@@ -291,8 +443,8 @@ class Session:
 
     def on_speech_started(self, t_ms: int) -> int:
         self._started = True
-        self._emit(SpeechStarted(t_ms))
-        turn_id = self._new_turn_id()
+        turn_id = self._utterance = self._new_turn_id()
+        self._emit(SpeechStarted(t_ms, turn_id))
         self.on_voice(t_ms)  # in case voice_ms >= min_speech_ms
         barge = self._barge
         if barge is not None and barge.utterance is None and self._tg is not None:
@@ -342,7 +494,7 @@ class Session:
             self._playout.resume()
 
     def on_speech_stopped(self, t_ms: int) -> None:
-        self._emit(SpeechStopped(t_ms))
+        self._emit(SpeechStopped(t_ms, self._utterance))
 
     def on_partial(self, turn_id: int, text: str, language: str | None, audio_ms: int) -> None:
         self._emit(Transcript(turn_id, text, False, language, audio_ms))
@@ -360,15 +512,15 @@ class Session:
         Called on each partial transcript, after each turn and on each new observation."""
         if self._tg is None or self._stop.is_set():
             return
-        job = self._prefill_llm(self._compose(words))
+        job = self._prefill_llm(self._compose(words), self.tools.offered())
         try:
             self._prefill = self._tg.create_task(job)
         except RuntimeError:  # the session is shutting down
             job.close()
 
-    async def _prefill_llm(self, prompt: list[ChatMessage]) -> None:
+    async def _prefill_llm(self, prompt: list[ChatMessage], tools: Sequence[ToolSpec]) -> None:
         try:
-            await self.engines.llm.prefill(prompt, session=self.session_id)
+            await self.engines.llm.prefill(prompt, session=self.session_id, tools=tools)
         except Dropped:
             pass  # a newer partial's prefill replaced it
         except VoxlensError as e:
@@ -385,7 +537,8 @@ class Session:
                     self._playout.resume()  # likely "uh-huh": go on (paused again if it goes on)
                 return
             self._interrupt()
-        self._start_turn(turn_id, text, held=True, language=language)
+        if self.auto_reply:
+            self._start_turn(turn_id, text, held=True, language=language)
 
     def on_resumed(self, turn_id: int) -> None:
         if self._held is not None and self._held.turn_id == turn_id:
@@ -407,6 +560,11 @@ class Session:
         if barge is not None:
             self._interrupt()
         self._emit(Transcript(turn_id, text, True, language))
+        if not self.auto_reply:  # the client asks for replies (Realtime, create_response off)
+            self._void_calls()
+            self._language = language
+            self.history.add(Item(user_item_id(turn_id), "user", text))
+            return
         if held is not None and held.turn_id == turn_id and held.user_text == text:
             assert self._held_task is not None
             task, self._held, self._held_task = self._held_task, None, None
@@ -420,8 +578,8 @@ class Session:
         if self._listener is None or not self._listener.speaking:
             self.prepare_llm()  # the camera lines of the next prompt changed
 
-    def on_error(self, error: VoxlensError) -> None:
-        self._emit(Error(error.code, error.message, not error.recoverable))
+    def on_error(self, error: VoxlensError, turn_id: int | None = None) -> None:
+        self._emit(Error(error.code, error.message, not error.recoverable, turn_id=turn_id))
 
     # ---- turns -------------------------------------------------------------------------
 
@@ -430,16 +588,21 @@ class Session:
             self._held_task.cancel()
         self._held = self._held_task = None
 
-    def _start_turn(self, turn_id: int, user_text: str, *, held: bool,
-                    speech_end: float | None = None, language: str | None = None) -> None:
+    def _start_turn(self, turn_id: int, user_text: str | None, *, held: bool,
+                    speech_end: float | None = None, language: str | None = None,
+                    options: ReplyOptions | None = None) -> None:
         if self._tg is None:
             raise ProtocolError("session is not running", code="bad_state")
-        if language is None:  # a typed turn: the session's language, else Chinese by its script
+        if user_text is None:  # a reply to the conversation so far: the latest words' language
+            language = self.config.language or self._language
+        elif language is None:  # a typed turn: the session's language, else Chinese by script
             language = self.config.language or ("zh" if main_script(user_text) == "han" else None)
         turn = Turn(turn_id, user_text, [], self.engines.llm, self.engines.tts, self.events,
                     self.config.output_rate, self.config.turn, self.clock,
                     session_id=self.session_id, on_metrics=self.on_metrics,
-                    audio_room=self._audio_room, language=language)
+                    audio_room=self._audio_room, language=language,
+                    options=options or self.reply_options, tools=self.tools.offered(),
+                    server_tools=self.tools.server_names())
         task = self._tg.create_task(self._run_turn(turn))
         if held:
             self._held, self._held_task = turn, task
@@ -450,7 +613,11 @@ class Session:
         if self._playing is not None and not self._playing.done():
             self._interrupt()  # a newer user turn replaces the reply still being made
         # (a reply already made plays out its last queued audio; the new one follows it)
+        if turn.user_text is not None:
+            self._void_calls()  # the person spoke: the results of earlier calls come too late
+            self._language = turn.language
         self._playing, self._reply = task, turn
+        self._recent.append(turn)
         turn.release(speech_end)
 
     async def _audio_room(self) -> None:
@@ -498,48 +665,96 @@ class Session:
             self._playout.cut(turn.turn_id)
         if self._playing is not None and not self._playing.done():
             self._playing.cancel()  # the history entry is written as the task ends
-        elif turn.exchange is not None:
-            turn.exchange.assistant = turn.reply_for_history()
+        elif turn.reply_item is not None:
+            turn.reply_item.text = turn.reply_for_history()
         self._emit(ReplyInterrupted(turn.turn_id, round(played), turn.heard))
+        self._void_calls()
 
-    def system_prompt(self) -> str:
-        return fixed_system_prompt(self.config.system_prompt, vision=self.looker is not None)
+    def system_prompt(self, instructions: str | None = None) -> str:
+        return fixed_system_prompt(instructions or self.config.system_prompt,
+                                   vision=self.looker is not None)
 
-    def _compose(self, user_text: str, seen: str | None = None,
-                 language: str | None = None) -> list[ChatMessage]:
+    def _compose(self, user_text: str | None, seen: str | None = None,
+                 language: str | None = None, instructions: str | None = None) -> list[ChatMessage]:
         """Fixed system prompt, history, then the user message: the recent camera lines, then
         the user's words (followed by the fresh observation ``seen`` for a turn about the
         scene). Everything before the words changes rarely (coarse ages), so the prefill from
         a partial transcript has already put it in the LLM's cache when the final comes."""
         said = user_text
-        if seen is not None:
+        if user_text is None:
+            pass  # a reply to the conversation as it stands
+        elif seen is not None:
             said = f"{user_text}\n[camera, now: {quote(seen)}]"
         elif self.looker is not None and (block := self.looker.prompt_block()):
             said = f"{block}\n{user_text}"
-        if language in LANGUAGE_HINTS:  # last, so the prefilled prompt is still its prefix
+        if said is not None and language in LANGUAGE_HINTS:  # last: the prefill is a prefix
             said = f"{said}\n{LANGUAGE_HINTS[language]}"
-        return self.history.prompt(self.system_prompt(), said)
+        return self.history.prompt(self.system_prompt(instructions), said)
 
     async def _prompt(self, turn: Turn) -> list[ChatMessage]:
         """Look at the scene first when the turn is about it, then compose the prompt. The
         history keeps the observation with the question, so later answers stay grounded."""
         seen = None
-        if self.looker is not None and refers_to_scene(turn.user_text):
+        if self.looker is not None and turn.user_text and refers_to_scene(turn.user_text):
             seen = await self.looker.look_now(turn.user_text)
         if seen is not None:
             turn.history_text = f"{turn.user_text}\n[camera: {quote(seen)}]"
-        return self._compose(turn.user_text, seen, turn.language)
+        return self._compose(turn.user_text, seen, turn.language, turn.options.instructions)
 
     async def _run_turn(self, turn: Turn) -> None:
+        completed = False
         try:
+            if turn.user_text is None and self._committing is not None:
+                await asyncio.wait([self._committing])  # the words committed before this reply
             turn.messages = await self._prompt(turn)
             await turn.run()
+            completed = True
         except* VoxlensError as group:
             for e in group.exceptions:
                 assert isinstance(e, VoxlensError)
-                self.on_error(e)
+                self.on_error(e, turn.turn_id if turn.released.is_set() else None)
         finally:
             if turn.released.is_set():
-                turn.exchange = self.history.add(turn.history_text or turn.user_text,
-                                                 turn.reply_for_history())
+                self._remember(turn, completed)
                 self.prepare_llm()
+
+    def _remember(self, turn: Turn, completed: bool) -> None:
+        """The released reply joins the history: the person's words, the reply as heard, and
+        the tools it called; a completed reply's calls start (the server's) or wait for the
+        client's results; the calls of a reply cut short are void."""
+        if turn.user_text is not None:
+            self.history.add(Item(user_item_id(turn.turn_id), "user",
+                                  turn.history_text or turn.user_text))
+        if turn.options.script is None:  # fillers and apologies are not part of it
+            turn.reply_item = self.history.add(Item(reply_item_id(turn.turn_id), "assistant",
+                                                    turn.reply_for_history()))
+        calls = (turn.calls if completed else  # cut short: only the calls the client was told of
+                 [c for c in turn.calls if c.name not in turn.server_tools][:turn.calls_sent])
+        for call in calls:
+            self.history.add(Item(call_item_id(call.call_id), "call", "", call))
+        if calls:
+            self.tools.start(turn.turn_id, calls, self._tg if completed else None)
+            if not completed or self._tg is None:
+                self._void_calls()
+
+    def _void_calls(self) -> None:
+        for turn_id, call in self.tools.void():
+            self._emit(ToolCancelled(turn_id, call.call_id))
+
+    def _tool_output(self, call: ToolCall, text: str) -> None:
+        after = call_item_id(call.call_id)
+        self.history.add(Item(output_item_id(call.call_id), "output", text, call),
+                         after=after if self.history.find(after) is not None else None)
+
+    def _tools_settled(self, turn_id: int, failed: bool) -> None:
+        """Every server tool of a reply has its result: go on (or apologise)."""
+        if self._stop.is_set() or self._tg is None:
+            return
+        apology = APOLOGIES.get(self._language, APOLOGIES[None]) if failed else None
+        self.respond(replace(self.reply_options, script=apology) if failed else None)
+
+    def _filler(self) -> None:
+        """A server tool runs long: say so, unless something is being said."""
+        if self._audible() is None and self._tg is not None and not self._stop.is_set():
+            self.respond(replace(self.reply_options,
+                                 script=FILLERS.get(self._language, FILLERS[None])))

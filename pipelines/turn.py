@@ -10,12 +10,21 @@ from dataclasses import dataclass, field
 from pipelines.bargein import CUT_MARK
 from pipelines.chunker import Chunker
 from pipelines.compute import Priority
-from pipelines.engines.base import ChatMessage, Llm, Tts
-from pipelines.history import Exchange
+from pipelines.engines.base import ChatMessage, Llm, Sampling, ToolCall, ToolSpec, Tts
+from pipelines.history import Item
 from pipelines.text import main_script
 from streaming.audio import float_to_pcm16, resample
 from streaming.channels import Channel, ChannelClosed
-from streaming.events import Event, Metrics, ReplyAudio, ReplyDone, ReplyStarted, ReplyText
+from streaming.conversation import ReplyOptions
+from streaming.events import (
+    Event,
+    Metrics,
+    ReplyAudio,
+    ReplyDone,
+    ReplyStarted,
+    ReplyText,
+    ToolCallRequested,
+)
 
 AUDIO_PIECE_MS = 100  # reply audio goes out in pieces of this length
 
@@ -41,7 +50,7 @@ class Turn:
     """
 
     turn_id: int
-    user_text: str
+    user_text: str | None  # None: a reply to the conversation so far (no new words)
     messages: Sequence[ChatMessage]
     llm: Llm
     tts: Tts
@@ -59,8 +68,13 @@ class Turn:
     speech_end: float | None = None  # wall time the stage timings count from
     marks: dict[str, float] = field(default_factory=dict)  # stage → wall time
     heard: str | None = None  # set when interrupted: the part of the reply the person heard
-    exchange: Exchange | None = None  # its entry in the history, once it has one
+    reply_item: Item | None = None  # its entry in the history, once it has one
     audio_room: Callable[[], Awaitable[None]] | None = None  # waits while the playout is full
+    options: ReplyOptions = field(default_factory=ReplyOptions)
+    tools: Sequence[ToolSpec] = ()  # offered to the LLM
+    server_tools: frozenset[str] = frozenset()  # run by the server: not the client's to call
+    calls: list[ToolCall] = field(default_factory=list)  # the tools the reply called
+    calls_sent: int = 0  # how many of them the client was asked to run
 
     def reply_for_history(self) -> str:
         """The reply as history keeps it: what was heard, marked where it was cut off. Nothing
@@ -101,13 +115,24 @@ class Turn:
             await self._emit(outbox)
         return self.text
 
+    def _deltas(self) -> AsyncIterator[str | ToolCall]:
+        o = self.options
+        if o.script is not None:
+            return _said(o.script)
+        tools = () if o.tool_choice == "none" else self.tools
+        return self.llm.stream(self.messages, max_tokens=o.max_tokens or self.config.max_tokens,
+                               session=self.session_id, tools=tools,
+                               sampling=Sampling(o.temperature, o.tool_choice))
+
     async def _generate(self, outbox: Channel[ReplyText | ReplyAudio], chunks: Channel[str]) -> None:
         chunker = Chunker(self.config.first_chunk_words)
-        deltas = self.llm.stream(self.messages, max_tokens=self.config.max_tokens,
-                                 session=self.session_id)
+        deltas = self._deltas()
         try:
             async for delta in deltas:
                 self._mark("llm_first_token")
+                if isinstance(delta, ToolCall):
+                    self.calls.append(delta)
+                    continue
                 self.text += delta
                 await outbox.put(ReplyText(self.turn_id, delta))
                 for chunk in chunker.feed(delta):
@@ -125,6 +150,9 @@ class Turn:
         piece = self.output_rate * AUDIO_PIECE_MS // 1000
         try:
             async for chunk in chunks:
+                if not self.options.speak:
+                    self.spoken.append(SpokenChunk(chunk, 0.0))
+                    continue
                 prio = Priority.TTS_FIRST if first else Priority.TTS_REST
                 audio = await self.tts.synthesize(chunk, priority=prio, session=self.session_id,
                                                   language=self.reply_language())
@@ -150,6 +178,11 @@ class Turn:
                     await self.audio_room()
                 self._mark("first_audio_sent")
             await self.events.put(item)
+        for call in self.calls:  # after the words that led to them
+            if call.name not in self.server_tools:
+                await self.events.put(ToolCallRequested(self.turn_id, call.call_id, call.name,
+                                                        call.arguments))
+                self.calls_sent += 1
         base = self.speech_end if self.speech_end is not None else self.clock()
         stages = {k: (v - base) * 1000 for k, v in self.marks.items()}
         if self.on_metrics is not None:
@@ -158,7 +191,11 @@ class Turn:
         await self.events.put(ReplyDone(self.turn_id, self.text.strip()))  # the turn's last event
 
 
-async def _aclose(iterator: AsyncIterator[str]) -> None:
+async def _said(text: str) -> AsyncIterator[str | ToolCall]:
+    yield text
+
+
+async def _aclose(iterator: AsyncIterator[str | ToolCall]) -> None:
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:
         await aclose()

@@ -8,7 +8,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from aiohttp import WSCloseCode, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipelines.compute import Compute, Priority
-from pipelines.session import Engines
+from pipelines.session import Engines, Session
 from server.auth import AUTH, Auth, guard, tokens
 from server.engines import build_engines, session_config
 from server.limits import client_of, expire_session
@@ -27,6 +28,8 @@ from server.state import STATE, AppState, Busy
 from server.vision_api import vision_ask
 from streaming.events import Error
 from streaming.protocol import MAX_IMAGE_MESSAGE_BYTES, event_to_json
+from streaming.realtime import RealtimeAdapter
+from streaming.realtime_wire import MAX_EVENT_BYTES
 from streaming.ws import WebSocketAdapter
 
 log = logging.getLogger(__name__)
@@ -61,41 +64,45 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(body, status=503)
 
 
-async def websocket(request: web.Request) -> web.StreamResponse:
+Adapter = Callable[[web.WebSocketResponse, Session], Awaitable[None]]
+Refusal = Callable[[web.WebSocketResponse, Error], Awaitable[None]]
+
+
+async def _socket_session(request: web.Request, transport: str, max_msg_size: int,
+                          adapter: Adapter, tell: Refusal) -> web.StreamResponse:
+    """The life of one WebSocket session, for every WebSocket protocol: upgrade, open a
+    registered session (or refuse it), run it and its adapter in one task group with the
+    session's expiry, then forget it. ``tell`` sends an error in the protocol's shape."""
     state = request.app[STATE]
     if state.engines is None:
         return web.json_response({"error": "not_ready", "message": "models are still loading"},
                                  status=503)
-    ws = web.WebSocketResponse(max_msg_size=MAX_IMAGE_MESSAGE_BYTES + 65536, heartbeat=30)
+    ws = web.WebSocketResponse(max_msg_size=max_msg_size, heartbeat=30)
     await ws.prepare(request)
     # refusals come after the upgrade, as a fatal `error` event: a browser cannot read the
     # status or body of a refused handshake, so this is the only way its page learns why
     client = client_of(request)
     try:
-        session = state.open_session("ws", client)
+        session = state.open_session(transport, client)
     except Busy as e:
         if e.status == 429:
-            log.info("refused a WebSocket session of %s: %s", client, e.code)
-        await ws.send_json(event_to_json(Error(e.code, e.message, True, e.retry_after)))
+            log.info("refused a %s session of %s: %s", transport, client, e.code)
+        await tell(ws, Error(e.code, e.message, True, e.retry_after))
         await ws.close(code=WS_TRY_AGAIN_LATER, message=e.code.encode())
         return ws
-    log.info("session %s opened over WebSocket (%s)", session.session_id, request.remote)
+    log.info("session %s opened over %s (%s)", session.session_id, transport, request.remote)
     try:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(session.run())
             expiry = tg.create_task(expire_session(session, state.settings.limits))
-            b = state.settings.bargein
             try:
-                await WebSocketAdapter(ws, session, lead_ms=b.lead_ms,
-                                       client_buffer_ms=b.client_buffer_ms,
-                                       limits=state.limits.message_limits()).run()
+                await adapter(ws, session)
             finally:
                 expiry.cancel()
     except Exception:  # a bug in this transport: this client alone is told, and closed
-        log.exception("session %s: the WebSocket transport failed", session.session_id)
+        log.exception("session %s: the %s transport failed", session.session_id, transport)
         with contextlib.suppress(Exception):
-            await ws.send_json(event_to_json(
-                Error("internal", "the session failed and was closed", True)))
+            await tell(ws, Error("internal", "the session failed and was closed", True))
         await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal")
     finally:
         state.forget(session)
@@ -104,10 +111,53 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+async def websocket(request: web.Request) -> web.StreamResponse:
+    """``/ws``: the native protocol (docs/PROTOCOL.md)."""
+    state = request.app[STATE]
+    b = state.settings.bargein
+
+    async def run(ws: web.WebSocketResponse, session: Session) -> None:
+        await WebSocketAdapter(ws, session, lead_ms=b.lead_ms, client_buffer_ms=b.client_buffer_ms,
+                               limits=state.limits.message_limits()).run()
+
+    async def tell(ws: web.WebSocketResponse, error: Error) -> None:
+        await ws.send_json(event_to_json(error))
+
+    return await _socket_session(request, "ws", MAX_IMAGE_MESSAGE_BYTES + 65536, run, tell)
+
+
+async def realtime(request: web.Request) -> web.StreamResponse:
+    """``/v1/realtime``: the OpenAI Realtime protocol (docs/REALTIME.md)."""
+    state = request.app[STATE]
+    b = state.settings.bargein
+    model = request.query.get("model", "voxlens")[:64]
+    beta = "realtime=v1" in request.headers.get("OpenAI-Beta", "")
+
+    async def run(ws: web.WebSocketResponse, session: Session) -> None:
+        await RealtimeAdapter(ws, session, model=model, beta=beta, lead_ms=b.lead_ms,
+                              client_buffer_ms=b.client_buffer_ms,
+                              limits=state.limits.message_limits()).run()
+
+    async def tell(ws: web.WebSocketResponse, error: Error) -> None:
+        await ws.send_json({"type": "error", "event_id": "event_refused", "error": {
+            "type": "server_error" if error.code == "internal" else "invalid_request_error",
+            "code": error.code, "message": error.message, "param": None, "event_id": None}})
+
+    return await _socket_session(request, "realtime", MAX_EVENT_BYTES + 65536, run, tell)
+
+
 async def _load_engines(app: web.Application, factory: EngineFactory) -> None:
     state = app[STATE]
     try:
-        state.engines = await asyncio.to_thread(factory, state.settings, state.compute)
+        engines = await asyncio.to_thread(factory, state.settings, state.compute)
+        if state.settings.tools.mcp_servers:
+            from pipelines.engines.tools_mcp import McpTools  # the mcp SDK takes ~0.7 s to import
+
+            state.mcp = McpTools(state.settings.tools.mcp_servers)
+            await state.mcp.start()
+            engines = replace(engines, tools=state.mcp)
+            log.info("server tools ready: %s", ", ".join(t.name for t in state.mcp.specs()))
+        state.engines = engines
         log.info("models loaded; ready")
     except Exception as e:
         state.load_error = f"{type(e).__name__}: {e}"
@@ -145,6 +195,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engines
         if hangup:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await state.supervisor.close()
+        if state.mcp is not None:
+            await state.mcp.aclose()
         state.compute.close()
 
     app.cleanup_ctx.append(lifecycle)
@@ -154,6 +206,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engines
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/ws", websocket)
+    app.router.add_get("/v1/realtime", realtime)
     app.router.add_post("/offer", offer)
     app.router.add_get("/webrtc/config", webrtc_config)
     app.router.add_post("/v1/vision/ask", vision_ask)

@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/", "/healthz", "/webrtc/config"})  # the page loads, probes, ICE list
 OPEN_PREFIX = "/static/"
-TOKEN_QUERY_PATHS = frozenset({"/ws"})  # where ?token= is accepted
-ORIGIN_CHECKED_PATHS = frozenset({"/ws", "/offer"})  # and every method but GET/HEAD/OPTIONS
+TOKEN_QUERY_PATHS = frozenset({"/ws", "/v1/realtime"})  # where ?token= is accepted
+ORIGIN_CHECKED_PATHS = frozenset({"/ws", "/v1/realtime", "/offer"})  # and every method but GET/HEAD/OPTIONS
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
 AUDIENCE = "voxlens"

@@ -24,6 +24,7 @@ from pipelines.listener import EndpointConfig, ListenerConfig
 from pipelines.segmenter import SegmenterConfig
 from pipelines.session import Engines, SessionConfig, fixed_system_prompt
 from pipelines.text import words
+from pipelines.tools import ToolsConfig
 from pipelines.turn import TurnConfig
 from pipelines.vision import VisionConfig
 from pipelines.voices import Voices
@@ -138,4 +139,6 @@ def session_config(settings: Settings) -> SessionConfig:
         history_tokens=m.history_tokens,
         language=a.language,
         output_rate=settings.tts.output_rate,
+        tools=ToolsConfig(timeout_s=settings.tools.timeout_s,
+                          filler_after_s=settings.tools.filler_after_s),
     )

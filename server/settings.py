@@ -235,6 +235,15 @@ class VisionSettings(_Section):
     threads: int = Field(1, ge=1, description="torch threads for the vision model")
 
 
+class ToolsSettings(_Section):
+    mcp_servers: list[str] = Field(default_factory=list, description="MCP servers whose tools "
+                                   "the assistant may use: stdio command lines or http(s) URLs "
+                                   "(streamable HTTP)")
+    timeout_s: float = Field(10.0, gt=0, description="longest a server tool may run")
+    filler_after_s: float | None = Field(1.0, gt=0, description="say a short filler ('Let me "
+                                         "check') when a server tool runs longer; null: never")
+
+
 WorkClass = Literal["asr_final", "tts_first", "llm", "tts_rest", "asr_partial", "vision"]
 DEFAULT_ORDER: list[WorkClass] = ["asr_final", "tts_first", "llm", "tts_rest", "asr_partial",
                                   "vision"]
@@ -332,6 +341,7 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = SchedulerSettings()
     vision: VisionSettings = VisionSettings()
     mqtt: MqttSettings = MqttSettings()
+    tools: ToolsSettings = ToolsSettings()
     log_level: str = "INFO"
 
     @classmethod

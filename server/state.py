@@ -7,17 +7,24 @@ import logging
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from pipelines.compute import Compute
+from pipelines.engines.base import ToolRunner
 from pipelines.session import Engines, Session, SessionConfig
 from server.limits import Busy as Busy  # (refusals live with the limits; re-exported here)
 from server.limits import ClientLimits
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class ManagedTools(ToolRunner, Protocol):
+    """Server tools with connections to close (McpTools)."""
+
+    async def aclose(self) -> None: ...
 
 
 class Supervisor:
@@ -54,9 +61,10 @@ class AppState:
     engines: Engines | None = None
     load_error: str | None = None
     sessions: dict[str, Session] = field(default_factory=dict)
-    transports: dict[str, str] = field(default_factory=dict)  # id → "ws" | "webrtc" | "mqtt"
+    transports: dict[str, str] = field(default_factory=dict)  # id → "ws" | "realtime" | "webrtc" | "mqtt"
     supervisor: Supervisor = field(default_factory=Supervisor)
     clients: dict[str, str] = field(default_factory=dict)  # id → client, per-client sessions
+    mcp: ManagedTools | None = None  # the MCP servers' connections (tools.mcp_servers)
     limits: ClientLimits = field(init=False)
 
     def __post_init__(self) -> None:

@@ -103,7 +103,8 @@ async def _vision_ask(request: web.Request) -> web.Response:
         block = memory.prompt_block(0.0, 1)
         messages = [ChatMessage("system", f"{ANSWER_PROMPT}\n\n{block}"),
                     ChatMessage("user", question)]
-        answer = "".join([d async for d in engines.llm.stream(messages, max_tokens=80)])
+        answer = "".join([d async for d in engines.llm.stream(messages, max_tokens=80)
+                          if isinstance(d, str)])
     except VoxlensError as e:
         return _error(500, e.code, e.message)
     return web.json_response({"answer": answer.strip(), "observations": [observation],

@@ -31,6 +31,11 @@ class ProtocolError(VoxlensError):
 
     code = "bad_message"
 
+    def __init__(self, message: str, *, code: str | None = None, recoverable: bool | None = None,
+                 param: str | None = None):
+        super().__init__(message, code=code, recoverable=recoverable)
+        self.param = param  # the field at fault, where the protocol names one (Realtime)
+
 
 class EngineError(VoxlensError):
     """A model engine failed; becomes an ``error`` event for the session that asked."""

@@ -23,11 +23,13 @@ class SessionReady:
 @dataclass(frozen=True, slots=True)
 class SpeechStarted:
     t_ms: int  # position in the session's input audio stream
+    turn_id: int | None = None  # the turn the utterance will be, if it becomes one
 
 
 @dataclass(frozen=True, slots=True)
 class SpeechStopped:
     t_ms: int
+    turn_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,26 @@ class ReplyInterrupted:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallRequested:
+    """The reply calls a tool the client declared: the client runs it and sends its result
+    (the reply ends here; the result starts the next one)."""
+
+    turn_id: int
+    call_id: str
+    name: str
+    arguments: str  # JSON text
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCancelled:
+    """A tool call is void (the person spoke, or the reply was interrupted): its result, if it
+    comes, is refused and never spoken."""
+
+    turn_id: int
+    call_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Metrics:
     """Stage timings of one turn in ms, measured from the end of the user's speech."""
 
@@ -97,6 +119,7 @@ class Error:
     message: str
     fatal: bool = False
     retry_after: float | None = None  # seconds (rate_limited); not sent when None
+    turn_id: int | None = None  # the reply it ended, if it ended one
 
 
 Event = (
@@ -109,6 +132,8 @@ Event = (
     | ReplyAudio
     | ReplyDone
     | ReplyInterrupted
+    | ToolCallRequested
+    | ToolCancelled
     | Metrics
     | Scene
     | Error

@@ -72,6 +72,11 @@ class Playout:
 
     # ---- the session's side -----------------------------------------------------------
 
+    @property
+    def last_turn(self) -> int | None:
+        """The turn whose audio ``take`` returned last."""
+        return self._last_turn
+
     def sent_ms(self, turn_id: int) -> float:
         return self._sent.get(turn_id, 0.0)
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from streaming.audio import Float32Array, InputConverter
 from streaming.channels import Channel
+from streaming.conversation import ToolSpec
 from streaming.errors import ProtocolError
 from streaming.events import Event, Metrics, ReplyAudio, ReplyDone, SessionReady
 from streaming.images import Image
@@ -19,6 +20,8 @@ from streaming.protocol import (
     Playback,
     SessionStart,
     TextTurn,
+    Tool,
+    ToolResult,
 )
 
 
@@ -29,7 +32,8 @@ class SessionPort(Protocol):
     def ready_event(self) -> SessionReady: ...
 
     def configure(self, *, input_rate: int, input_channels: int, output_rate: int,
-                  language: str | None, instructions: str | None) -> None: ...
+                  language: str | None, instructions: str | None,
+                  tools: Sequence[ToolSpec] = ()) -> None: ...
 
     def attach_playout(self, playout: Playout) -> None:
         """The transport's reply audio outlet: the session pauses, resumes and cuts it on
@@ -50,6 +54,10 @@ class SessionPort(Protocol):
         """The client's report of how much of a reply it has played."""
         ...
 
+    def tool_result(self, call_id: str, output: str, *, respond: bool = True) -> None:
+        """The result of a tool the client ran (``tool.call``)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -63,6 +71,8 @@ def apply_client_message(message: ClientMessage, session: SessionPort) -> Client
             session.playback(played_ms, turn_id)
         case Interrupt():
             session.interrupt()
+        case ToolResult(call_id=call_id, output=output):
+            session.tool_result(call_id, output)
         case _:
             return message
     return None
@@ -108,7 +118,8 @@ class ClientAudio:
         try:
             self._session.configure(
                 input_rate=m.audio.sample_rate, input_channels=m.audio.channels,
-                output_rate=rate, language=m.language, instructions=m.instructions)
+                output_rate=rate, language=m.language, instructions=m.instructions,
+                tools=tool_specs(m.tools))
         except ProtocolError as e:
             if not resumable:
                 raise
@@ -131,6 +142,10 @@ class ClientAudio:
         audio = self.playout.mic(self.converter.convert(pcm))
         if audio.size:
             await self._session.push_audio(audio)
+
+
+def tool_specs(tools: Sequence[Tool]) -> list[ToolSpec]:
+    return [ToolSpec(t.name, t.description, t.parameters) for t in tools]
 
 
 def check_audio_message(payload: bytes) -> None:

@@ -23,6 +23,8 @@ from streaming.events import (
     SessionReady,
     SpeechStarted,
     SpeechStopped,
+    ToolCallRequested,
+    ToolCancelled,
     Transcript,
 )
 
@@ -56,12 +58,34 @@ class OutputAudio(_Message):
     sequence: bool = False  # MQTT only: the same header on audio/out messages
 
 
+MAX_TOOLS = 32
+MAX_TOOL_OUTPUT_CHARS = 16_000
+
+
+class Tool(BaseModel):
+    """A function the client runs for the assistant (the OpenAI function tool shape)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)  # "type", "strict": not used here
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = Field(default="", max_length=1024)
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
 class SessionStart(_Message):
     type: Literal["session.start"]
     audio: InputAudio = InputAudio()
     output_audio: OutputAudio = OutputAudio()
     language: str | None = Field(default=None, min_length=2, max_length=8)
     instructions: str | None = Field(default=None, max_length=4000)
+    tools: list[Tool] = Field(default_factory=list, max_length=MAX_TOOLS)
+
+
+class ToolResult(_Message):
+    """The result of a ``tool.call``: the assistant goes on with it."""
+
+    type: Literal["tool.result"]
+    call_id: str = Field(min_length=1, max_length=64)
+    output: str = Field(max_length=MAX_TOOL_OUTPUT_CHARS)
 
 
 class TextTurn(_Message):
@@ -127,11 +151,12 @@ def parse_offer(raw: bytes) -> Offer:
 
 
 ClientMessage = Annotated[
-    SessionStart | TextTurn | ImageFrame | Playback | Interrupt | SessionEnd,
+    SessionStart | TextTurn | ImageFrame | Playback | Interrupt | ToolResult | SessionEnd,
     Field(discriminator="type"),
 ]
 _client_message: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
-CLIENT_TYPES = ("session.start", "text", "image", "playback", "interrupt", "session.end")
+CLIENT_TYPES = ("session.start", "text", "image", "playback", "interrupt", "tool.result",
+                "session.end")
 
 
 def parse_client_message(raw: str) -> ClientMessage:
@@ -180,6 +205,11 @@ def event_to_json(event: Event) -> dict[str, Any]:
             return {"type": "speech.started", "t_ms": t_ms}
         case SpeechStopped(t_ms):
             return {"type": "speech.stopped", "t_ms": t_ms}
+        case ToolCallRequested(turn_id, call_id, name, arguments):
+            return {"type": "tool.call", "turn_id": turn_id, "call_id": call_id, "name": name,
+                    "arguments": arguments}
+        case ToolCancelled(turn_id, call_id):
+            return {"type": "tool.cancelled", "turn_id": turn_id, "call_id": call_id}
         case Transcript(turn_id, text, final, language, audio_ms):
             out = {"type": "transcript", "turn_id": turn_id, "text": text, "final": final,
                    "language": language}
@@ -200,10 +230,12 @@ def event_to_json(event: Event) -> dict[str, Any]:
                     "stages": {k: round(v, 1) for k, v in stages.items()}}
         case Scene(text, t_ms, engine):
             return {"type": "scene", "text": text, "t_ms": t_ms, "engine": engine}
-        case Error(code, message, fatal, retry_after):
+        case Error(code, message, fatal, retry_after, turn_id):
             error: dict[str, Any] = {"type": "error", "code": code, "message": message, "fatal": fatal}
             if retry_after is not None:
                 error["retry_after"] = round(retry_after, 1)
+            if turn_id is not None:
+                error["turn_id"] = turn_id
             return error
         case ReplyAudio():
             raise TypeError("reply audio is sent as a binary message")

@@ -301,11 +301,15 @@ audio_formats = _either(st.fixed_dictionaries({}, optional={
     "echo_cancellation": _either(st.booleans()), "sequence": _either(st.booleans())}))
 MESSAGE_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "session.start": {"audio": audio_formats, "output_audio": audio_formats,
-                      "language": languages, "instructions": user_texts},
+                      "language": languages, "instructions": user_texts,
+                      "tools": st.lists(st.fixed_dictionaries(
+                          {"name": user_texts}, optional={"description": user_texts,
+                                                          "parameters": json_values}), max_size=3)},
     "text": {"text": user_texts},
     "image": {"data": image_data},
     "playback": {"played_ms": _either(counts), "turn_id": _either(counts)},
     "interrupt": {},
+    "tool.result": {"call_id": user_texts, "output": user_texts},
     "session.end": {},
 }
 junk_types = _either(st.sampled_from(["", "Text", "session", "session.ready", "error", "text "])

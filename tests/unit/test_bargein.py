@@ -220,9 +220,9 @@ async def test_speaking_over_the_reply_interrupts_it_and_history_keeps_the_heard
         assert done.turn_id != 1  # the new turn was answered
         finals = [t.text for t in room.of(Transcript) if t.final]
         assert finals == [SCRIPT[200], SCRIPT[300]]
-        first, second = room.session.history.exchanges
-        assert first.assistant == cut.heard_text + CUT_MARK
-        assert second.user == SCRIPT[300] and second.assistant == REPLY
+        history = list(room.session.history.pairs())
+        assert history[1] == ("assistant", cut.heard_text + CUT_MARK)
+        assert history[2:] == [("user", SCRIPT[300]), ("assistant", REPLY)]
 
 
 @pytest.mark.parametrize("sound", ["backchannel", "noise", "echo"])
@@ -242,8 +242,8 @@ async def test_backchannel_noise_and_echo_do_not_interrupt(sound: str) -> None:
         assert max(gaps) > 0.05  # it did pause while the sound was judged ...
         emitted = sum(c.duration_ms for c in room.session._reply.spoken)  # type: ignore[union-attr]
         assert room.played_ms(1) == pytest.approx(emitted, abs=1)  # ... and then played all of it
-        (exchange,) = room.session.history.exchanges
-        assert exchange.assistant == REPLY
+        assert [k for k, _ in room.session.history.pairs()] == ["user", "assistant"]
+        assert room.session.history.items[1].text == REPLY
 
 
 @pytest.mark.parametrize("beyond_ms", [0, 400], ids=["only echo", "a voice beyond it"])
@@ -306,7 +306,7 @@ async def test_the_echo_of_the_reply_s_last_words_is_no_turn(beyond_ms: int) -> 
         finals = [t.text for t in room.of(Transcript) if t.final]
         assert finals == ([SCRIPT[200], SCRIPT[800]] if beyond_ms else [SCRIPT[200]])
         assert not room.of(ReplyInterrupted)
-        assert room.session.history.exchanges[0].assistant == REPLY
+        assert room.session.history.items[1].text == REPLY
 
 
 async def test_words_the_reply_said_long_before_are_the_persons_not_echo() -> None:
@@ -357,7 +357,7 @@ async def test_interrupt_while_the_first_chunk_is_synthesized() -> None:
     (cut,) = r.of(ReplyInterrupted)
     assert (cut.played_ms, cut.heard_text) == (0, "")
     assert playout.sent_ms(1) == 0 and not playout.queued_ms()
-    assert session.history.exchanges[0].assistant == ""  # nothing was heard: nothing said
+    assert session.history.items[1].text == ""  # nothing was heard: nothing said
 
 
 async def test_interrupt_at_the_very_end_and_after_the_end() -> None:
@@ -371,7 +371,7 @@ async def test_interrupt_at_the_very_end_and_after_the_end() -> None:
         await room.until(lambda: bool(room.of(ReplyInterrupted)))
         (cut,) = room.of(ReplyInterrupted)
         assert len(cut.heard_text) > len(REPLY) // 2
-        assert room.session.history.exchanges[0].assistant == cut.heard_text + CUT_MARK
+        assert room.session.history.items[1].text == cut.heard_text + CUT_MARK
         room.session.submit_text("and Spain?")
         await room.until(lambda: bool(room.of(ReplyDone)))
         assert [d.turn_id for d in room.of(ReplyDone)] == [2]  # reply.done waits for the audio

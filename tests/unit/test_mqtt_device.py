@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -13,6 +13,7 @@ import pytest
 
 from streaming.audio import Float32Array, float_to_pcm16
 from streaming.channels import Channel
+from streaming.conversation import ToolSpec
 from streaming.errors import ProtocolError
 from streaming.events import AudioFormat, Event, ReplyAudio, ReplyDone, ReplyStarted, SessionReady
 from streaming.images import Image
@@ -49,7 +50,8 @@ class ScriptedSession:
         return SessionReady(self.session_id, AudioFormat(rate, channels), AudioFormat(out), {})
 
     def configure(self, *, input_rate: int, input_channels: int, output_rate: int,
-                  language: str | None, instructions: str | None) -> None:
+                  language: str | None, instructions: str | None,
+                  tools: Sequence[ToolSpec] = ()) -> None:
         if self.started:
             raise ProtocolError("session.start must come first", code="bad_state")
         self.formats = (input_rate, input_channels, output_rate)

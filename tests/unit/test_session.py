@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 import pytest
 
-from pipelines.engines.base import ChatMessage
+from pipelines.engines.base import DEFAULT_SAMPLING, ChatMessage, Sampling, ToolCall, ToolSpec
 from pipelines.engines.fakes import FakeAsr, FakeLlm, FakeTts, FakeVad
 from pipelines.session import LANGUAGE_HINTS, Engines, Session, SessionConfig
 from pipelines.text import main_script
@@ -102,7 +102,7 @@ async def test_spoken_turn_produces_the_whole_event_sequence(harness: Harness) -
     assert set(stages) == {"transcript_final", "llm_first_token", "first_chunk",
                            "tts_first_audio", "first_audio_sent"}
     assert stages["first_audio_sent"] >= stages["tts_first_audio"] >= stages["first_chunk"]
-    assert harness.session.history.exchanges[0].user == "what is the answer"
+    assert next(harness.session.history.pairs()) == ("user", "what is the answer")
 
 
 async def test_reply_is_prepared_during_the_endpoint_silence(harness: Harness) -> None:
@@ -159,7 +159,8 @@ async def test_engine_failure_is_an_error_event_and_the_session_goes_on() -> Non
         failed = False
 
         async def stream(self, messages: Sequence[ChatMessage], *, max_tokens: int,
-                         session: str | None = None) -> AsyncIterator[str]:
+                         session: str | None = None, tools: Sequence[ToolSpec] = (),
+                         sampling: Sampling = DEFAULT_SAMPLING) -> AsyncIterator[str | ToolCall]:
             if not self.failed:
                 self.failed = True
                 raise EngineError("model crashed")
@@ -212,6 +213,7 @@ async def test_a_mandarin_turn_is_answered_in_mandarin_by_the_mandarin_voice() -
     first, second = llm.prompts
     assert first[-1].content == f"法国的首都是哪里？\n{LANGUAGE_HINTS['zh']}"
     assert second[-1].content == "And in English?"  # no reminder after English words
-    assert [e.user for e in session.history.exchanges] == ["法国的首都是哪里？", "And in English?"]
+    assert [t for k, t in session.history.pairs() if k == "user"] == ["法国的首都是哪里？",
+                                                                   "And in English?"]
     assert zh.calls and all(main_script(text) == "han" for text, _ in zh.calls)
     assert en.calls and all(main_script(text) == "latin" for text, _ in en.calls)
