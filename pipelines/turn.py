@@ -66,7 +66,10 @@ class Turn:
     spoken: list[SpokenChunk] = field(default_factory=list)  # chunks whose audio was emitted
     released: asyncio.Event = field(default_factory=asyncio.Event)
     speech_end: float | None = None  # wall time the stage timings count from
-    marks: dict[str, float] = field(default_factory=dict)  # stage → wall time
+    # stage → wall time: turn_started (the turn exists: at the speculative transcript, before
+    # the endpoint when it was ready then), prompt_ready, llm_first_token, first_chunk,
+    # tts_first_audio, transcript_final (the endpoint: released), first_audio_sent
+    marks: dict[str, float] = field(default_factory=dict)
     heard: str | None = None  # set when interrupted: the part of the reply the person heard
     reply_item: Item | None = None  # its entry in the history, once it has one
     audio_room: Callable[[], Awaitable[None]] | None = None  # waits while the playout is full
@@ -75,6 +78,9 @@ class Turn:
     server_tools: frozenset[str] = frozenset()  # run by the server: not the client's to call
     calls: list[ToolCall] = field(default_factory=list)  # the tools the reply called
     calls_sent: int = 0  # how many of them the client was asked to run
+
+    def __post_init__(self) -> None:
+        self._mark("turn_started")
 
     def reply_for_history(self) -> str:
         """The reply as history keeps it: what was heard, marked where it was cut off. Nothing
@@ -116,6 +122,7 @@ class Turn:
         return self.text
 
     def _deltas(self) -> AsyncIterator[str | ToolCall]:
+        self._mark("prompt_ready")
         o = self.options
         if o.script is not None:
             return _said(o.script)

@@ -132,7 +132,7 @@ def session_config(settings: Settings) -> SessionConfig:
         bargein=BargeInConfig(enabled=b.enabled, min_words=b.min_words,
                               interrupt_after_ms=b.interrupt_after_ms, echo_overlap=b.echo_overlap,
                               voice_beyond_echo_ms=b.voice_beyond_echo_ms, backchannels=backchannels),
-        turn=TurnConfig(max_tokens=m.max_tokens),
+        turn=TurnConfig(max_tokens=m.max_tokens, first_chunk_words=settings.tts.first_chunk_words),
         vision=VisionConfig(interval_s=vis.interval_s, change_threshold=vis.change_threshold,
                             memory=vis.memory, in_prompt=vis.in_prompt),
         system_prompt=m.system_prompt,

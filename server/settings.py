@@ -215,6 +215,9 @@ class TtsSettings(_Section):
         "Mandarin) or a piper .onnx path; each chunk is said by the voice of its script")
     threads: int = Field(2, ge=1)
     output_rate: int = Field(24_000, description="default reply audio rate")
+    first_chunk_words: int = Field(4, ge=1, le=20, description="words the reply's first chunk "
+                                   "is cut after (sooner at a clause mark): fewer start speech "
+                                   "sooner, more sound smoother")
 
 
 class VisionSettings(_Section):

@@ -99,9 +99,11 @@ async def test_spoken_turn_produces_the_whole_event_sequence(harness: Harness) -
     audio = b"".join(a.pcm for a in harness.of(ReplyAudio))
     assert len(audio) > 0 and len(audio) % 2 == 0
     stages = harness.of(Metrics)[0].stages
-    assert set(stages) == {"transcript_final", "llm_first_token", "first_chunk",
-                           "tts_first_audio", "first_audio_sent"}
+    assert set(stages) == {"turn_started", "prompt_ready", "transcript_final", "llm_first_token",
+                           "first_chunk", "tts_first_audio", "first_audio_sent"}
     assert stages["first_audio_sent"] >= stages["tts_first_audio"] >= stages["first_chunk"]
+    assert stages["first_chunk"] >= stages["llm_first_token"] >= stages["prompt_ready"] \
+        >= stages["turn_started"]
     assert next(harness.session.history.pairs()) == ("user", "what is the answer")
 
 
