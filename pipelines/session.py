@@ -52,6 +52,7 @@ from streaming.events import (
     Event,
     ReplyInterrupted,
     Scene,
+    SessionClosing,
     SessionReady,
     SpeechStarted,
     SpeechStopped,
@@ -371,20 +372,20 @@ class Session:
             self._language = result.language
             self.history.add(Item(user_item_id(turn_id), "user", text))
 
-    def close(self, error: Error | None = None) -> None:
-        """End the session; a fatal ``error`` (why the server ends it) is the client's last
-        event."""
+    def close(self, error: Error | SessionClosing | None = None) -> None:
+        """End the session; a fatal ``error`` or ``session.closing`` (why the server ends it)
+        is the client's last event."""
         if error is not None and not self._stop.is_set():
             self._last_word(error)
         self._stop.set()
 
-    def _last_word(self, error: Error) -> None:
-        """Queue a fatal error even when the event queue is full (what is queued is dropped)."""
+    def _last_word(self, event: Error | SessionClosing) -> None:
+        """Queue the last event even when the event queue is full (what is queued is dropped)."""
         if self.events.closed:
             return
-        if not self.events.put_nowait(error):
+        if not self.events.put_nowait(event):
             self.events.clear()
-            self.events.put_nowait(error)
+            self.events.put_nowait(event)
 
     async def run(self) -> None:
         """Run the session until ``close()``. Cancelling it (or closing) cancels every task

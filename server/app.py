@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipelines.compute import Compute, Priority
 from pipelines.session import Engines, Session
-from server.auth import AUTH, Auth, guard, tokens
+from server.auth import AUTH, CREDENTIAL, Auth, guard, tokens
 from server.engines import build_engines, session_config
 from server.limits import client_of, expire_session
 from server.mqtt import MQTT, setup_mqtt
@@ -53,8 +53,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    body: dict[str, Any] = {"ready": state.engines is not None, "sessions": len(state.sessions),
-                            "tasks": len(asyncio.all_tasks())}
+    body: dict[str, Any] = {"ready": state.engines is not None and not state.draining,
+                            "sessions": len(state.sessions), "tasks": len(asyncio.all_tasks())}
+    if state.draining:  # a balancer's health check moves new sessions to other nodes
+        body["draining"] = True
+        return web.json_response(body, status=503)
     if MQTT in request.app:
         body["mqtt"] = request.app[MQTT].health()
     if state.engines is not None:
@@ -146,6 +149,40 @@ async def realtime(request: web.Request) -> web.StreamResponse:
     return await _socket_session(request, "realtime", MAX_EVENT_BYTES + 65536, run, tell)
 
 
+DRAINED: web.AppKey[Callable[[], None]] = web.AppKey("drained")  # ends the process after a drain
+
+
+def start_drain(app: web.Application) -> bool:
+    """Begin draining (once): refuse new sessions now, end the running ones within
+    ``server.drain_timeout_s``, then call the app's ``DRAINED`` (``voxlens serve``: exit)."""
+    state = app[STATE]
+    if state.draining:
+        return False
+
+    async def drain() -> None:
+        await state.drain(state.settings.server.drain_timeout_s)
+        if DRAINED in app:
+            app[DRAINED]()
+
+    state.draining = True
+    state.supervisor.spawn(drain(), "drain")
+    return True
+
+
+async def admin_drain(request: web.Request) -> web.Response:
+    """``POST /admin/drain``: what SIGTERM does (a rolling deploy without signals). On a
+    server with keys it takes an access key, not a token."""
+    credential = request.get(CREDENTIAL)
+    if credential is not None and not credential.key:
+        return web.json_response({"error": "forbidden", "message": "draining takes an access "
+                                  "key, not a token"}, status=403)
+    state = request.app[STATE]
+    started = start_drain(request.app)
+    return web.json_response({"draining": True, "started": started,
+                              "sessions": len(state.sessions),
+                              "timeout_s": state.settings.server.drain_timeout_s}, status=202)
+
+
 async def _load_engines(app: web.Application, factory: EngineFactory) -> None:
     state = app[STATE]
     try:
@@ -164,11 +201,11 @@ async def _load_engines(app: web.Application, factory: EngineFactory) -> None:
         log.exception("loading models failed")
 
 
-def _on_hangup(callback: Callable[[], None]) -> bool:
-    """Run ``callback`` on SIGHUP (re-reading the keys file); False where that is impossible
-    (no such signal, not the main thread)."""
+def _on_signal(sig: signal.Signals, callback: Callable[[], object]) -> bool:
+    """Run ``callback`` on ``sig`` (SIGHUP: re-read the keys file; SIGTERM: drain); False
+    where that is impossible (no such signal, not the main thread)."""
     with contextlib.suppress(AttributeError, NotImplementedError, RuntimeError, ValueError):
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, callback)
+        asyncio.get_running_loop().add_signal_handler(sig, callback)
         return True
     return False
 
@@ -189,11 +226,14 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engines
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         state = app[STATE]
         state.supervisor.spawn(_load_engines(app, engine_factory), "load-engines")
-        hangup = settings.auth.api_keys_file is not None and _on_hangup(
-            lambda: state.supervisor.spawn(auth.reload(), "reload-keys"))
+        hangup = settings.auth.api_keys_file is not None and _on_signal(
+            signal.SIGHUP, lambda: state.supervisor.spawn(auth.reload(), "reload-keys"))
+        # SIGTERM drains (a rolling deploy, Kubernetes' preStop); SIGINT still stops at once
+        term = DRAINED in app and _on_signal(signal.SIGTERM, lambda: start_drain(app))
         yield
-        if hangup:
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        for sig, held in ((signal.SIGHUP, hangup), (signal.SIGTERM, term)):
+            if held:
+                asyncio.get_running_loop().remove_signal_handler(sig)
         await state.supervisor.close()
         if state.mcp is not None:
             await state.mcp.aclose()
@@ -211,4 +251,5 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engines
     app.router.add_get("/webrtc/config", webrtc_config)
     app.router.add_post("/v1/vision/ask", vision_ask)
     app.router.add_post("/v1/tokens", tokens)
+    app.router.add_post("/admin/drain", admin_drain)
     return app

@@ -59,7 +59,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from server.app import create_app
+    from server.app import DRAINED, create_app
     from server.auth import AccessLog, exposure_refusal, tls_context
     from server.settings import load_settings
 
@@ -79,6 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
+    app[DRAINED] = _exit_gracefully  # after a drain (SIGTERM, POST /admin/drain): exit 0
     scheme = "https" if tls else "http"
     keys = "access keys required" if settings.auth.configured else "no access keys"
     print(f"voxlens serving on {scheme}://{settings.server.host}:{settings.server.port} "
@@ -86,6 +87,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     web.run_app(app, host=settings.server.host, port=settings.server.port, ssl_context=tls,
                 access_log_class=AccessLog, print=None)
     return 0
+
+
+def _exit_gracefully() -> None:
+    """Stop ``web.run_app`` as its own SIGINT handler does (it then cleans up and returns)."""
+    from aiohttp import web
+
+    def stop() -> None:
+        raise web.GracefulExit
+    asyncio.get_running_loop().call_soon(stop)
 
 
 def cmd_talk(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import signal
 import subprocess
 import sys
 import time
@@ -33,7 +34,8 @@ class ServerProcess:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     def stop(self) -> None:
-        self.proc.terminate()
+        """Stop at once (SIGINT; SIGTERM would drain: wait for the sessions to end)."""
+        self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:

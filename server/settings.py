@@ -30,6 +30,9 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_sessions: int = Field(16, ge=1, description="new sessions beyond this get a 'busy' error")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM or POST /admin/drain: how "
+                                   "long running sessions may go on before they are closed "
+                                   "with session.closing (new ones are refused at once)")
     allowed_origins: list[str] = Field(
         default_factory=list, description="web origins (https://app.example.org) allowed on /ws, "
         "/offer and POST besides the server's own origin and localhost/127.0.0.1 on its port")
@@ -169,6 +172,11 @@ MOONSHINE = "moonshine-tiny"
 
 
 class AsrSettings(_Section):
+    engine: Literal["faster-whisper", "transformers"] = Field(
+        "faster-whisper", description="the Whisper engine: 'faster-whisper' (CTranslate2; on "
+        "CUDA it needs CUDA 12's cuBLAS/cuDNN) or 'transformers' (PyTorch, fp16 on CUDA: the "
+        "Whisper model is then a Hugging Face checkpoint name or path; compute_type, beam_size "
+        "and min_window_s do not apply)")
     model: str = Field(MOONSHINE, description=f"'{MOONSHINE}' (packaged, English; other and "
                        "undetected languages go to whisper_model), 'base' (packaged, "
                        "multilingual), 'tiny.en' (packaged), a CTranslate2 model directory, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Coroutine
@@ -17,6 +18,7 @@ from pipelines.session import Engines, Session, SessionConfig
 from server.limits import Busy as Busy  # (refusals live with the limits; re-exported here)
 from server.limits import ClientLimits
 from server.settings import Settings
+from streaming.events import SessionClosing
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ class AppState:
     supervisor: Supervisor = field(default_factory=Supervisor)
     clients: dict[str, str] = field(default_factory=dict)  # id → client, per-client sessions
     mcp: ManagedTools | None = None  # the MCP servers' connections (tools.mcp_servers)
+    draining: bool = False  # new sessions are refused; running ones end (server.drain_timeout_s)
+    _forgotten: asyncio.Event = field(default_factory=asyncio.Event)  # a session ended
     limits: ClientLimits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +81,9 @@ class AppState:
         at that client's connection rate or session limit."""
         if self.engines is None:
             raise Busy("models are still loading", code="not_ready")
+        if self.draining:
+            raise Busy("this server is shutting down: connect again (to another server)",
+                       code="draining")
         if client is not None:
             try:
                 self.limits.admit(client)
@@ -99,8 +106,30 @@ class AppState:
         self.compute.metrics.sessions.labels(transport).inc()
         return session
 
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new sessions, let the running ones go on for up to ``timeout_s``, then close
+        the rest with ``session.closing`` (reconnect); returns how many were closed so."""
+        self.draining = True
+        log.info("draining: %d sessions running; new sessions are refused", len(self.sessions))
+        await self._until_no_sessions(timeout_s)
+        left = list(self.sessions.values())
+        for session in left:
+            session.close(SessionClosing("draining", "this server is shutting down; connect "
+                                         "again to go on"))
+        await self._until_no_sessions(5.0)  # their transports send the event and hang up
+        log.info("drained: %d sessions closed by the drain", len(left))
+        return len(left)
+
+    async def _until_no_sessions(self, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self.sessions:
+                    self._forgotten.clear()
+                    await self._forgotten.wait()
+
     def forget(self, session: Session) -> None:
         session.close()
+        self._forgotten.set()
         if self.sessions.pop(session.session_id, None) is not None:
             self.compute.metrics.sessions.labels(self.transports.pop(session.session_id)).dec()
             client = self.clients.pop(session.session_id, None)

@@ -114,6 +114,17 @@ class Scene:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionClosing:
+    """The server ends the session on purpose (it is draining for a restart): the client's
+    last event. ``reconnect``: connecting again (to the balancer) gets a new session
+    elsewhere at once."""
+
+    reason: str
+    message: str
+    reconnect: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     code: str
     message: str
@@ -136,5 +147,6 @@ Event = (
     | ToolCancelled
     | Metrics
     | Scene
+    | SessionClosing
     | Error
 )

@@ -20,6 +20,7 @@ from streaming.events import (
     ReplyStarted,
     ReplyText,
     Scene,
+    SessionClosing,
     SessionReady,
     SpeechStarted,
     SpeechStopped,
@@ -228,6 +229,9 @@ def event_to_json(event: Event) -> dict[str, Any]:
         case Metrics(turn_id, stages):
             return {"type": "metrics", "turn_id": turn_id,
                     "stages": {k: round(v, 1) for k, v in stages.items()}}
+        case SessionClosing(reason, message, reconnect):
+            return {"type": "session.closing", "reason": reason, "message": message,
+                    "reconnect": reconnect}
         case Scene(text, t_ms, engine):
             return {"type": "scene", "text": text, "t_ms": t_ms, "engine": engine}
         case Error(code, message, fatal, retry_after, turn_id):

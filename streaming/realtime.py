@@ -37,6 +37,7 @@ from streaming.events import (
     ReplyInterrupted,
     ReplyStarted,
     ReplyText,
+    SessionClosing,
     SpeechStarted,
     SpeechStopped,
     ToolCallRequested,
@@ -402,6 +403,11 @@ class RealtimeAdapter:
                                       "item_id": reply_item_id(turn_id), "audio_end_ms": played_ms})
                 if response is not None:
                     await self._finish(response, "cancelled")
+            case SessionClosing(reason, message):
+                await self._send({"type": "error", "error": {
+                    "type": "server_error", "code": "session_closing", "message":
+                    f"{message} ({reason})", "param": None, "event_id": None}})
+                await self.ws.close()
             case Error(code, message, fatal, _, turn_id):
                 response = (self._responses.pop(turn_id)
                             if turn_id is not None and turn_id in self._responses else None)
