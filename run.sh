@@ -67,6 +67,7 @@ command -v chromium >/dev/null || need_apt+=(chromium)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v Xvfb >/dev/null || need_apt+=(xvfb)
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || need_apt+=(mosquitto)  # MQTT tests
+[ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null || need_apt+=(haproxy)  # the load-balanced topology test
 if [ ${#need_apt[@]} -gt 0 ]; then
   say "installing ${need_apt[*]} (Debian packages) for the browser and network tests"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi

@@ -1,0 +1,149 @@
+"""Several session nodes behind a real load balancer (issue 16, point 3): HAProxy (the Debian
+package) with deploy/haproxy.cfg in front of two ``voxlens serve`` processes, all on
+127.0.0.1. Sessions spread over both nodes and stay on theirs; tokens minted by one node work
+on the other (a shared secret); the page and /metrics pass through; a node drained with
+SIGTERM finishes its conversations while new sessions go to the other, then exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from client.ws_client import VoxlensClient
+from server.launch import ServerProcess, free_port, spawn_server
+from tests.conftest import ARTIFACTS, until
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "vx-topology-key-4b8e1f0a2c"
+SECRET = "topology-shared-token-secret-0123456789abcdef"  # one secret: tokens work on every node
+GUARD_S = 90.0
+
+
+@dataclass
+class Fleet:
+    nodes: list[ServerProcess]
+    lb: subprocess.Popen[bytes]
+    lb_port: int
+    stats_port: int
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.lb_port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.lb_port}"
+
+    def status(self) -> dict[str, str]:
+        """HAProxy's view of each node (UP, DOWN …), from its stats page."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.stats_port}/stats;csv", timeout=5) as r:
+            rows = csv.DictReader(io.StringIO(r.read().decode().lstrip("# ")))
+            return {row["svname"]: row["status"] for row in rows if row["pxname"] == "nodes"}
+
+
+def get(url: str, key: str | None = KEY) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def sessions(node: ServerProcess) -> int:
+    return int(json.loads(get(f"{node.http}/healthz", None)[1])["sessions"])
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    env = {"VOXLENS_AUTH__API_KEYS": json.dumps([KEY]), "VOXLENS_AUTH__TOKEN_SECRET": SECRET,
+           "VOXLENS_LIMITS__SESSIONS_PER_CLIENT": "0", "VOXLENS_LIMITS__CONNECTIONS_PER_MINUTE": "0",
+           "VOXLENS_LLM__TEMPERATURE": "0", "VOXLENS_SERVER__DRAIN_TIMEOUT_S": "60",
+           "VOXLENS_WEBRTC__HOST_ADDRESSES": '["127.0.0.1"]'}
+    nodes = [spawn_server(ARTIFACTS / f"server-node{i}.log", env=env) for i in (1, 2)]
+    lb_port, stats_port = free_port(), free_port()
+    lb_env = {**os.environ, "VOXLENS_LB_BIND": f"127.0.0.1:{lb_port}",
+              "VOXLENS_LB_STATS": f"127.0.0.1:{stats_port}",
+              "VOXLENS_NODE1": f"127.0.0.1:{nodes[0].port}", "VOXLENS_NODE2": f"127.0.0.1:{nodes[1].port}"}
+    log = (ARTIFACTS / "haproxy.log").open("wb")
+    lb = subprocess.Popen(["haproxy", "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg")],
+                          env=lb_env, stdout=log, stderr=subprocess.STDOUT)
+    f = Fleet(nodes, lb, lb_port, stats_port)
+    try:
+        asyncio.run(until(lambda: _up(f), GUARD_S))
+        yield f
+    finally:
+        lb.terminate()
+        lb.wait(10)
+        for node in nodes:
+            if node.proc.poll() is None:
+                node.stop()
+
+
+async def test_sessions_spread_stay_and_survive_a_drained_node(fleet: Fleet) -> None:
+    node1, node2 = fleet.nodes
+    # the page, /metrics and tokens pass through the balancer
+    assert get(f"{fleet.http}/", None)[0] == 200
+    assert get(f"{fleet.http}/metrics")[0] == 200 and get(f"{fleet.http}/metrics", None)[0] == 401
+    _, body = await asyncio.to_thread(_post, f"http://127.0.0.1:{node1.port}/v1/tokens")
+    token = json.loads(body)["token"]
+    async with VoxlensClient(f"ws://127.0.0.1:{node2.port}/ws?token={token}") as other_node:
+        assert other_node.ready is not None  # a token of node1 opens a session on node2
+
+    clients = [VoxlensClient(fleet.ws, api_key=KEY) for _ in range(8)]
+    for c in clients:
+        await c.__aenter__()
+    try:
+        assert (sessions(node1), sessions(node2)) == (4, 4)  # leastconn spreads them
+        for c in clients:  # each session stays where it is (a WebSocket is one connection)
+            await c.say("What is two plus two?")
+        for c in clients:
+            reply = await c.wait_reply(timeout_s=GUARD_S)
+            assert reply.text
+        assert (sessions(node1), sessions(node2)) == (4, 4)
+
+        node1.proc.send_signal(signal.SIGTERM)  # drain node1
+        await until(lambda: fleet.status().get("node1") != "UP", GUARD_S)
+        assert get(f"{node1.http}/healthz", None)[0] == 503
+        late = [VoxlensClient(fleet.ws, api_key=KEY) for _ in range(4)]
+        for c in late:  # new sessions go to node2 only
+            await c.__aenter__()
+        assert (sessions(node1), sessions(node2)) == (4, 8)
+        for c in clients:  # node1's conversations go on while it drains
+            await c.say("What is the capital of France?")
+        answers = [await c.wait_reply(timeout_s=GUARD_S) for c in clients]
+        assert all("paris" in a.text.lower() for a in answers), [a.text for a in answers]
+        for c in late:
+            await c.__aexit__(None, None, None)
+    finally:
+        for c in clients:
+            await c.__aexit__(None, None, None)
+    # its conversations over, the drained node exits 0 by itself
+    assert await asyncio.to_thread(node1.proc.wait, GUARD_S) == 0
+    assert "drained: 0 sessions closed" in node1.log.read_text("utf-8")
+    assert fleet.status()["node1"] != "UP" and fleet.status()["node2"] == "UP"
+
+
+def _up(fleet: Fleet) -> bool:
+    try:
+        return set(fleet.status().values()) == {"UP"}
+    except OSError:  # the balancer is still starting
+        return False
+
+
+def _post(url: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, method="POST", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return r.status, r.read()
