@@ -36,6 +36,11 @@ const LABELS = {
       not_ready: "The assistant is still starting up. Please try again in a few seconds.",
       engine_failed: "Sorry, something went wrong while answering. Please try again.",
       internal: "The assistant ran into a problem and ended the conversation. Press Connect to start again.",
+      rate_limited: "That was too fast for the assistant. Please wait a moment and try again.",
+      session_expired: "This conversation reached its time limit. Press Connect to start a new one.",
+      idle_timeout: "The conversation ended after a long silence. Press Connect to start again.",
+      draining: "The assistant is restarting. Please try again in a moment.",
+      closing: "The assistant is restarting; reconnecting you…",
       micDenied: "voxlens needs your microphone. Please allow microphone access in the browser and try again.",
       noDevice: (detail) => "No microphone (or camera) could be opened: " + detail,
       lost: "The connection to the assistant was lost. Press Connect to start again.",
@@ -69,6 +74,11 @@ const LABELS = {
       not_ready: "助手还在启动，请过几秒钟再试。",
       engine_failed: "抱歉，回答时出了问题，请再试一次。",
       internal: "助手出了问题，结束了这次对话。请按“连接”重新开始。",
+      rate_limited: "操作太快了，请稍等片刻再试。",
+      session_expired: "这次对话已达到时间上限。请按“连接”开始新的对话。",
+      idle_timeout: "很长时间没有声音，对话已结束。请按“连接”重新开始。",
+      draining: "助手正在重新启动，请稍后再试。",
+      closing: "助手正在重新启动，正在为你重新连接…",
       micDenied: "voxlens 需要使用你的麦克风。请在浏览器中允许访问麦克风，然后再试一次。",
       noDevice: (detail) => "无法打开麦克风（或摄像头）：" + detail,
       lost: "与助手的连接已断开。请按“连接”重新开始。",
@@ -80,7 +90,9 @@ const LABELS = {
   },
 };
 // server error codes that have plain words of their own (the others show the server's message)
-const PLAIN_CODES = ["busy", "not_ready", "engine_failed", "internal"];
+const PLAIN_CODES = ["busy", "not_ready", "engine_failed", "internal", "rate_limited",
+  "session_expired", "idle_timeout", "draining"];
+const RECONNECT_MS = 1000; // after session.closing: the balancer sends the new session elsewhere
 const LANGUAGE_KEY = "voxlens.language";  // localStorage: the picker's last choice
 const ACCESS_KEY = "voxlens.key";  // localStorage: the access key given, until "Forget key"
 
@@ -91,6 +103,7 @@ const vx = (window.voxlens = {
   language: null,  // the spoken language sent with the last offer (null: detected)
   labels: "en",  // the language of the page's labels
   keyPrompts: 0, tokens: 0,  // times the page asked for an access key; tokens minted
+  reconnects: 0,  // new sessions started after a session.closing
 });
 
 let pc = null, channel = null, micStream = null, camStream = null, statsTimer = null;
@@ -370,6 +383,12 @@ function onEvent(ev) {
     case "error":
       showError(plainError(ev.code, ev.message));
       if (ev.fatal) disconnect("error");
+      break;
+    case "session.closing": // the server is shutting down on purpose: a new session, elsewhere
+      disconnect("error");
+      showError(["closing"]);
+      vx.reconnects += 1;
+      if (ev.reconnect) setTimeout(() => { if (!pc) connect(); }, RECONNECT_MS * (1 + Math.random()));
       break;
   }
 }
