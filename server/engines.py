@@ -10,6 +10,7 @@ from pipelines.bargein import BACKCHANNELS, BargeInConfig
 from pipelines.compute import Compute
 from pipelines.engines.asr_moonshine import MoonshineAsr
 from pipelines.engines.asr_routed import EnglishFirstAsr
+from pipelines.engines.asr_transformers import TransformersWhisperAsr
 from pipelines.engines.asr_whisper import WhisperAsr
 from pipelines.engines.base import Asr, Llm, Tts, Vlm
 from pipelines.engines.llm_llama import LlamaLlm
@@ -37,17 +38,7 @@ log = logging.getLogger(__name__)
 def build_engines(settings: Settings, compute: Compute) -> Engines:
     cache = settings.models.cache_dir or models.default_cache_dir()
     vad = SileroVad(models.silero_vad_path(), threads=settings.vad.threads)
-    a = settings.asr
-    whisper = WhisperAsr(models.whisper_model(a.whisper, cache), compute, device=a.device,
-                         compute_type=a.compute_type, cpu_threads=a.threads,
-                         beam_size=a.beam_size, min_window_s=a.min_window_s,
-                         zh_script=a.zh_script, name=f"faster-whisper:{a.whisper}")
-    whisper.warm_up()
-    asr: Asr = whisper
-    if a.model == MOONSHINE:
-        moonshine = MoonshineAsr(models.moonshine_tiny(cache), compute, threads=a.threads)
-        moonshine.warm_up()
-        asr = EnglishFirstAsr(moonshine, whisper)
+    asr = build_asr(settings, compute, cache)
     log.info("ASR ready: %s", asr.name)
     m = settings.llm
     llm: Llm
@@ -72,6 +63,34 @@ def build_engines(settings: Settings, compute: Compute) -> Engines:
         turn.warm_up()
         log.info("end of turn ready: %s", turn.name)
     return Engines(vad=vad, asr=asr, llm=llm, tts=tts, vlm=vlm, turn=turn)
+
+
+def build_asr(settings: Settings, compute: Compute, cache: Path) -> Asr:
+    """The Whisper engine of ``asr.engine``, warmed up; beside Moonshine with moonshine-tiny."""
+    a = settings.asr
+    whisper: WhisperAsr | TransformersWhisperAsr
+    if a.engine == "transformers":  # torch and transformers are imported when it loads
+        whisper = TransformersWhisperAsr(hf_whisper(a.whisper), compute, device=a.device,
+                                         threads=a.threads, zh_script=a.zh_script)
+    else:
+        whisper = WhisperAsr(models.whisper_model(a.whisper, cache), compute, device=a.device,
+                             compute_type=a.compute_type, cpu_threads=a.threads,
+                             beam_size=a.beam_size, min_window_s=a.min_window_s,
+                             zh_script=a.zh_script, name=f"faster-whisper:{a.whisper}")
+    whisper.warm_up()
+    if a.model != MOONSHINE:
+        return whisper
+    moonshine = MoonshineAsr(models.moonshine_tiny(cache), compute, threads=a.threads)
+    moonshine.warm_up()
+    return EnglishFirstAsr(moonshine, whisper)
+
+
+def hf_whisper(name: str) -> str:
+    """A Hugging Face Whisper checkpoint: a path or hub id as given, a bare size name
+    ('base', 'large-v3-turbo', as faster-whisper takes them) as OpenAI's checkpoint."""
+    if "/" in name or Path(name).expanduser().exists():
+        return name
+    return f"openai/whisper-{name}"
 
 
 def build_voices(settings: Settings, compute: Compute, cache: Path) -> Voices:

@@ -78,7 +78,7 @@ async def test_admin_drain_refuses_new_sessions_lets_running_ones_go_on_then_clo
 
 async def test_a_drain_with_no_sessions_ends_at_once_and_twice_is_once(tmp_path: Path) -> None:
     drained = asyncio.Event()
-    async with serve(tmp_path, drained) as (app, base), aiohttp.ClientSession() as http:
+    async with serve(tmp_path, drained) as (_, base), aiohttp.ClientSession() as http:
         for started in (True, False):
             async with http.post(f"{base}/admin/drain", headers=bearer(KEY_A)) as r:
                 assert (await r.json())["started"] is started

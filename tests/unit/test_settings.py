@@ -65,3 +65,9 @@ def test_vision_engine_is_chosen_in_settings(tmp_path: Path) -> None:
             build_vision(load_settings(vision={"engine": "transformers"}), compute, tmp_path)
     finally:
         compute.close()
+
+
+def test_asr_engine_is_chosen_in_settings() -> None:
+    assert load_settings(asr={"engine": "transformers"}).asr.engine == "transformers"
+    with pytest.raises(ValidationError, match="engine"):
+        load_settings(asr={"engine": "whisper.cpp"})
