@@ -38,7 +38,7 @@ from streaming.ports import (
     SessionPort,
     apply_client_message,
     check_audio_message,
-    route_event,
+    pump,
 )
 from streaming.protocol import (
     ImageFrame,
@@ -157,15 +157,12 @@ class DeviceAdapter:
 
         Cancelling it stops every pump; either way the session is closed on the way out.
         """
-        async with asyncio.TaskGroup() as tg:
-            pumps = [tg.create_task(self._send_events()), tg.create_task(self._send_audio())]
-            try:
-                await self._receive()
-            finally:
-                self.ended = True
-                self.session.close()
-                for pump in pumps:
-                    pump.cancel()
+        try:
+            await pump(self.session, self.playout, self._receive, send_event=self._send_event,
+                       send_audio=self._send_audio, hang_up=self._hang_up, chunk_ms=CHUNK_MS,
+                       lead_ms=self.lead_ms)
+        finally:
+            self.ended = True
 
     # ---- device → session -----------------------------------------------------------
 
@@ -261,24 +258,17 @@ class DeviceAdapter:
         self.last_active = self._clock()
         self._send(EVENTS, json.dumps(obj, ensure_ascii=False).encode(), QOS[EVENTS])
 
-    async def _send_events(self) -> None:
-        """Forward session events; when the session ends on its own, stop reading the device."""
-        try:
-            while True:
-                event = route_event(await self.session.events.get(), self.playout)
-                if event is not None:
-                    self._emit(event)
-        except ChannelClosed:
-            self.ended = True
-            self._inbox.close()
+    async def _send_event(self, event: Event) -> None:
+        self._emit(event)
 
-    async def _send_audio(self) -> None:
-        """Reply audio in real time, ``lead_ms`` ahead (so barge-in can still hold it back)."""
-        async for chunk in self.playout.paced(CHUNK_MS, self.lead_ms):
-            self.last_active = self._clock()
-            if self._out_seq is not None:
-                chunk = pack_frame(self._out_seq, chunk)
-                self._out_seq = (self._out_seq + 1) % SEQ_MOD
-            self._send(AUDIO_OUT, chunk, QOS[AUDIO_OUT])
-            for event in self.playout.released():  # reply.done after the reply's last audio
-                self._emit(event)
+    async def _hang_up(self) -> None:
+        """The session ended on its own: stop reading the device."""
+        self.ended = True
+        self._inbox.close()
+
+    async def _send_audio(self, chunk: bytes) -> None:
+        self.last_active = self._clock()
+        if self._out_seq is not None:
+            chunk = pack_frame(self._out_seq, chunk)
+            self._out_seq = (self._out_seq + 1) % SEQ_MOD
+        self._send(AUDIO_OUT, chunk, QOS[AUDIO_OUT])

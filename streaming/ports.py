@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from streaming.audio import Float32Array, InputConverter
-from streaming.channels import Channel
+from streaming.channels import Channel, ChannelClosed
 from streaming.conversation import ToolSpec
 from streaming.errors import ProtocolError
 from streaming.events import Event, Metrics, ReplyAudio, ReplyDone, SessionReady
@@ -89,6 +90,48 @@ def route_event(event: Event, playout: Playout) -> Event | None:
         case ReplyDone(turn_id=turn_id) | Metrics(turn_id=turn_id) if playout.defer(turn_id, event):
             return None
     return event
+
+
+async def pump(session: SessionPort, playout: Playout, receive: Callable[[], Awaitable[None]], *,
+               send_event: Callable[[Event], Awaitable[None]],
+               send_audio: Callable[[bytes], Awaitable[None]],
+               hang_up: Callable[[], Awaitable[None]], chunk_ms: int, lead_ms: int) -> None:
+    """The life of a transport's connection, for every transport that drains a Playout
+    (WebSocket, Realtime, MQTT): ``receive`` takes the client's messages in until the client
+    leaves or ends the session, while the session's events go out (``route_event``: reply
+    audio into the playout) and the playout's audio leaves in real time, ``lead_ms`` ahead, in
+    ``chunk_ms`` pieces, each turn's ``reply.done`` after its last audio. When the session
+    ends on its own, ``hang_up``. The session is closed on the way out; cancelling stops it
+    all."""
+    async def events() -> None:
+        try:
+            while True:
+                event = route_event(await session.events.get(), playout)
+                if event is not None:
+                    await send_event(event)
+        except ChannelClosed:
+            await hang_up()
+        except ConnectionResetError:
+            return
+
+    async def audio() -> None:
+        async for chunk in playout.paced(chunk_ms, lead_ms):
+            await send_audio(chunk)
+            for event in playout.released():  # reply.done after the reply's last audio
+                await send_event(event)
+
+    async with asyncio.TaskGroup() as tg:
+        pumps = [tg.create_task(events()), tg.create_task(audio())]
+        try:
+            await receive()
+        # the server ended the session (idle, too long) or the client left while one of its
+        # messages was being handled or answered: nothing more to do for it
+        except (ChannelClosed, ConnectionResetError):
+            pass
+        finally:
+            session.close()
+            for task in pumps:
+                task.cancel()
 
 
 class ClientAudio:

@@ -20,7 +20,6 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from streaming.audio import MODEL_RATE, Float32Array
-from streaming.channels import ChannelClosed
 from streaming.conversation import (
     ReplyOptions,
     ToolSpec,
@@ -43,7 +42,7 @@ from streaming.events import (
     ToolCallRequested,
     Transcript,
 )
-from streaming.ports import ClientAudio, SessionPort, route_event
+from streaming.ports import ClientAudio, SessionPort, pump
 from streaming.protocol import InputAudio, OutputAudio, SessionStart, TextTurn
 from streaming.ratelimit import MessageLimits
 from streaming.realtime_wire import (
@@ -146,16 +145,9 @@ class RealtimeAdapter:
         """Pump both directions until the client leaves. Cancelling stops both pumps; the
         caller closes the session."""
         await self._send({"type": "session.created", "session": self._session_object()})
-        async with asyncio.TaskGroup() as tg:
-            pumps = [tg.create_task(self._send_events()), tg.create_task(self._send_audio())]
-            try:
-                await self._receive()
-            except (ChannelClosed, ConnectionResetError):
-                pass
-            finally:
-                self.session.close()
-                for pump in pumps:
-                    pump.cancel()
+        await pump(self.session, self.playout, self._receive, send_event=self._on_session_event,
+                   send_audio=self._send_audio, hang_up=self._hang_up, chunk_ms=CHUNK_MS,
+                   lead_ms=self.lead_ms)
 
     async def _send(self, event: dict[str, Any]) -> None:
         kind = event["type"]
@@ -346,27 +338,16 @@ class RealtimeAdapter:
 
     # ---- session events -------------------------------------------------------------------
 
-    async def _send_events(self) -> None:
-        try:
-            while True:
-                event = route_event(await self.session.events.get(), self.playout)
-                if event is not None:
-                    await self._on_session_event(event)
-        except ChannelClosed:
-            await self.ws.close()
-        except ConnectionResetError:
-            return
+    async def _hang_up(self) -> None:
+        await self.ws.close()
 
-    async def _send_audio(self) -> None:
-        async for chunk in self.playout.paced(CHUNK_MS, self.lead_ms):
-            response = self._responses.get(self.playout.last_turn or -1)
-            if response is not None:
-                message = await self._message(response, "")
-                await self._send({"type": "response.output_audio.delta", "response_id": response.id,
-                                  "item_id": message["id"], "output_index": _index(response, message),
-                                  "content_index": 0, "delta": base64.b64encode(chunk).decode()})
-            for event in self.playout.released():  # response.done after its last audio
-                await self._on_session_event(event)
+    async def _send_audio(self, chunk: bytes) -> None:
+        response = self._responses.get(self.playout.last_turn or -1)
+        if response is not None:
+            message = await self._message(response, "")
+            await self._send({"type": "response.output_audio.delta", "response_id": response.id,
+                              "item_id": message["id"], "output_index": _index(response, message),
+                              "content_index": 0, "delta": base64.b64encode(chunk).decode()})
 
     async def _on_session_event(self, event: Event) -> None:
         match event:

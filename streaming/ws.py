@@ -7,7 +7,6 @@ import logging
 
 from aiohttp import WSMsgType, web
 
-from streaming.channels import ChannelClosed
 from streaming.errors import ProtocolError, VoxlensError
 from streaming.events import Error, Event
 from streaming.images import decode_base64_image
@@ -16,7 +15,7 @@ from streaming.ports import (
     SessionPort,
     apply_client_message,
     check_audio_message,
-    route_event,
+    pump,
 )
 from streaming.protocol import (
     ImageFrame,
@@ -52,18 +51,9 @@ class WebSocketAdapter:
         Cancelling it stops both pumps; the caller closes the session.
         """
         await self._send(self.session.ready_event())
-        async with asyncio.TaskGroup() as tg:
-            pumps = [tg.create_task(self._send_events()), tg.create_task(self._send_audio())]
-            try:
-                await self._receive()
-            # the server ended the session (idle, too long) or the client left while one of
-            # its messages was being handled or answered: nothing more to do for it
-            except (ChannelClosed, ConnectionResetError):
-                pass
-            finally:
-                self.session.close()
-                for pump in pumps:
-                    pump.cancel()
+        await pump(self.session, self.playout, self._receive, send_event=self._send,
+                   send_audio=self._send_audio, hang_up=self._hang_up, chunk_ms=CHUNK_MS,
+                   lead_ms=self.lead_ms)
 
     async def _send(self, event: Event) -> None:
         wire = encode_event(event)
@@ -73,25 +63,12 @@ class WebSocketAdapter:
             else:
                 await self.ws.send_str(wire)
 
-    async def _send_events(self) -> None:
-        """Forward session events; when the session ends on its own, hang up."""
-        try:
-            while True:
-                event = route_event(await self.session.events.get(), self.playout)
-                if event is not None:
-                    await self._send(event)
-        except ChannelClosed:
-            await self.ws.close()
-        except ConnectionResetError:
-            return
+    async def _hang_up(self) -> None:
+        await self.ws.close()
 
-    async def _send_audio(self) -> None:
-        """Reply audio in real time, ``lead_ms`` ahead (so barge-in can still hold it back)."""
-        async for chunk in self.playout.paced(CHUNK_MS, self.lead_ms):
-            async with self._send_lock:
-                await self.ws.send_bytes(chunk)
-            for event in self.playout.released():  # reply.done after the reply's last audio
-                await self._send(event)
+    async def _send_audio(self, chunk: bytes) -> None:
+        async with self._send_lock:
+            await self.ws.send_bytes(chunk)
 
     async def _receive(self) -> None:
         async for msg in self.ws:

@@ -9,7 +9,7 @@ import contextlib
 import json
 import re
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +20,16 @@ from openai import AsyncOpenAI
 from server.launch import ServerProcess, spawn_server
 from streaming.audio import float_to_pcm16, resample
 from tests.conftest import ARTIFACTS, speak
-from tests.e2e.test_realtime_protocol import Events
+from tests.e2e.test_realtime_protocol import Events, realtime_session
 
 RATE = 24_000
 GUARD_S = 90.0
 
 
-@contextlib.asynccontextmanager
-async def realtime(server: ServerProcess, **session: Any) -> AsyncIterator[tuple[Any, Events]]:
+def realtime(server: ServerProcess, **session: Any
+             ) -> contextlib.AbstractAsyncContextManager[tuple[Any, Events]]:
     client = AsyncOpenAI(base_url=f"{server.http}/v1", api_key="unused on loopback")
-    async with client.realtime.connect(model="voxlens") as conn:
-        events = Events(conn)
-        reader = asyncio.create_task(events.read())
-        try:
-            await events.wait("session.created")
-            await conn.session.update(session={"type": "realtime", **session})
-            await events.wait("session.updated")
-            yield conn, events
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+    return realtime_session(client, "voxlens", **session)
 
 
 def pcm24(voice: Any, text: str) -> bytes:

@@ -113,9 +113,16 @@ class Events:
         return [e["type"] for e in self.seen]
 
 
+def connect(rt: Rt, **session: Any) -> contextlib.AbstractAsyncContextManager[tuple[Any, Events]]:
+    return realtime_session(rt.client(), "gpt-realtime", **session)
+
+
 @contextlib.asynccontextmanager
-async def connect(rt: Rt, **session: Any) -> AsyncIterator[tuple[Any, Events]]:
-    async with rt.client().realtime.connect(model="gpt-realtime") as conn:
+async def realtime_session(client: AsyncOpenAI, model: str, **session: Any
+                           ) -> AsyncIterator[tuple[Any, Events]]:
+    """A Realtime connection with the SDK, its events read in the background; ``session``:
+    a session.update to apply first."""
+    async with client.realtime.connect(model=model) as conn:
         events = Events(conn)
         reader = asyncio.create_task(events.read())
         try:
