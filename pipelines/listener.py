@@ -45,6 +45,9 @@ from streaming.errors import VoxlensError
 log = logging.getLogger(__name__)
 
 PARTIAL_DEADLINE_S = 3.0  # a partial transcript later than this is dropped
+# a transcript whose audio ends this long before the latest voiced frame is older than the
+# person's last words: its endpoint rule (a question, a trailing "and") no longer applies
+STALE_TEXT_MS = 250
 
 # Whisper's favourite inventions on silence and noise, normalised (lowercase, no punctuation).
 HALLUCINATIONS = frozenset({
@@ -152,6 +155,7 @@ class _Utterance:
     judging: asyncio.Task[None] | None = None  # the end-of-turn model, asked at the pause
     finished: bool = False  # it found the turn finished (until the person speaks again)
     text_ms: int | None = None  # the endpoint silence the transcript so far asks for
+    text_until: int = 0  # the stream sample its audio reached
 
 
 class Listener:
@@ -223,6 +227,7 @@ class Listener:
                     self._utt = _Utterance(self._conv.on_speech_started(t_ms), self.language,
                                            partial_at=self._samples)
                 case Pause(_, audio, voiced_ms) if self._utt:
+                    self._set_endpoint(self._utt)  # its text may be older than the last words
                     if self._turn is not None:
                         self._utt.judging = tg.create_task(self._judge_turn(self._utt, audio))
                     if self.config.speculative_final:
@@ -280,14 +285,14 @@ class Listener:
         if utt.language is None:
             utt.language = result.language
         if self._utt is utt and not self._seg.paused and not is_hallucination(result, 10_000):
-            self._adapt_endpoint(result.text)
+            self._adapt_endpoint(result.text, audio_ms * MODEL_RATE // 1000)
             self._conv.on_partial(utt.turn_id, result.text, result.language, audio_ms)
 
     async def _speculate(self, utt: _Utterance, audio: Float32Array, voiced_ms: int) -> AsrResult:
         result = await self._asr.transcribe(audio, language=utt.language,
                                             priority=Priority.ASR_FINAL, session=self.session_id)
         if self._utt is utt and self._seg.paused and not is_hallucination(result, voiced_ms):
-            self._adapt_endpoint(result.text)
+            self._adapt_endpoint(result.text, self._last_voiced)
             self._conv.on_tentative(utt.turn_id, result.text, result.language)
         return result
 
@@ -312,20 +317,25 @@ class Listener:
             utt.finished = False
             self._set_endpoint(utt)
 
-    def _adapt_endpoint(self, text: str) -> None:
+    def _adapt_endpoint(self, text: str, until: int) -> None:
+        """The transcript of the audio up to the stream sample ``until`` sets the silence."""
         e = self.config.endpoint
         if e.adaptive and self._utt is not None:
             self._utt.text_ms = endpoint_silence_ms(
                 text, question_ms=e.question_ms, normal_ms=self.config.segmenter.silence_ms,
                 incomplete_ms=e.incomplete_ms)
+            self._utt.text_until = until
             self._set_endpoint(self._utt)
 
     def _set_endpoint(self, utt: _Utterance) -> None:
         """The silence that ends the utterance now: the transcript's rule (else the normal
         silence), shortened to ``complete_ms`` when the utterance sounds finished and its
-        words do not trail off."""
+        words do not trail off. A transcript that ends before the person's last words
+        (a partial, then more speech) says nothing about how they ended: normal silence."""
         e = self.config.endpoint
-        ms = utt.text_ms if utt.text_ms is not None else self.config.segmenter.silence_ms
+        stale = self._last_voiced - utt.text_until > STALE_TEXT_MS * MODEL_RATE // 1000
+        ms = (utt.text_ms if utt.text_ms is not None and not stale
+              else self.config.segmenter.silence_ms)
         if utt.finished and ms < e.incomplete_ms:
             ms = min(ms, e.complete_ms)
         self._seg.silence_ms = ms

@@ -1,0 +1,77 @@
+"""The listener's endpoint on a virtual clock (looptime), with scripted engines."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from pipelines.engines.fakes import FakeAsr, FakeVad
+from pipelines.listener import EndpointConfig, Listener, ListenerConfig
+from streaming.audio import Float32Array
+from streaming.channels import Channel
+
+pytestmark = pytest.mark.looptime
+
+
+class Ends:
+    """The conversation side: when each utterance was ended (ms of the virtual clock since the
+    audio began), and its final."""
+
+    def __init__(self) -> None:
+        self.start = asyncio.get_running_loop().time()
+        self.stopped: list[float] = []
+        self.finals: list[str | None] = []
+
+    def on_speech_started(self, t_ms: int) -> int:
+        return len(self.stopped) + 1
+
+    def on_speech_stopped(self, t_ms: int) -> None:
+        self.stopped.append((asyncio.get_running_loop().time() - self.start) * 1000)
+
+    def on_final(self, turn_id: int, text: str | None, language: str | None,
+                 speech_end: float) -> None:
+        self.finals.append(text)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return lambda *args: None  # on_voice, on_partial, on_tentative … : not needed here
+
+
+async def listen(asr: FakeAsr, audio: Float32Array, adaptive: bool = True) -> Ends:
+    ends = Ends()
+    listener = Listener(FakeVad(), asr, ends,  # type: ignore[arg-type]
+                        ListenerConfig(endpoint=EndpointConfig(adaptive=adaptive)))
+    channel: Channel[Float32Array] = Channel(100)
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(listener.run(channel, tg))
+        for i in range(0, audio.size, 512):
+            await channel.put(audio[i:i + 512])
+            await asyncio.sleep(512 / 16_000)
+        channel.close()
+        await task
+    return ends
+
+
+async def test_a_question_heard_early_does_not_end_the_turn_after_more_words() -> None:
+    """A partial that reads as a question ("Is it?") set the short question silence; the
+    person went on ("… true that I went home and") and paused: the early text says nothing
+    about how the words ended, so the turn waits the normal silence (then the speculative
+    final's "…and" makes it wait longer), not the question's 350 ms."""
+    asr = FakeAsr(lambda a: "Is it?" if a.size < 24_000 else "Is it true that I went home and",
+                  latency_s=0.6)
+    voice = np.full(32_000, 0.1, np.float32)  # 2 s of "speech", then 1.5 s of silence
+    ends = await listen(asr, np.concatenate([voice, np.zeros(24_000, np.float32)]))
+    assert len(ends.stopped) == 1
+    assert ends.stopped[0] - 2000 > 450  # the normal 500 ms (in 32 ms frames), not 350
+    assert ends.finals == ["Is it true that I went home and"]
+
+
+async def test_a_question_at_the_end_still_ends_the_turn_sooner() -> None:
+    asr = FakeAsr("Is it true?", latency_s=0.05)
+    voice = np.full(16_000, 0.1, np.float32)  # 1 s, then silence
+    ends = await listen(asr, np.concatenate([voice, np.zeros(24_000, np.float32)]))
+    adaptive = ends.stopped[0] - 1000
+    fixed = (await listen(asr, np.concatenate([voice, np.zeros(24_000, np.float32)]),
+                          adaptive=False)).stopped[0] - 1000
+    assert adaptive < 500 <= fixed
