@@ -368,9 +368,14 @@ class Session:
         text = "" if is_hallucination(result, voiced_ms) else result.text
         self._emit(Transcript(turn_id, text, True, result.language))
         if text:
-            self._void_calls()
-            self._language = result.language
-            self.history.add(Item(user_item_id(turn_id), "user", text))
+            self._user_words(turn_id, text, result.language)
+
+    def _user_words(self, turn_id: int, text: str, language: str | None) -> None:
+        """The person's words join the conversation with no reply (yet): a tool result still
+        awaited comes too late now."""
+        self._void_calls()
+        self._language = language
+        self.history.add(Item(user_item_id(turn_id), "user", text))
 
     def close(self, error: Error | SessionClosing | None = None) -> None:
         """End the session; a fatal ``error`` or ``session.closing`` (why the server ends it)
@@ -562,9 +567,7 @@ class Session:
             self._interrupt()
         self._emit(Transcript(turn_id, text, True, language))
         if not self.auto_reply:  # the client asks for replies (Realtime, create_response off)
-            self._void_calls()
-            self._language = language
-            self.history.add(Item(user_item_id(turn_id), "user", text))
+            self._user_words(turn_id, text, language)
             return
         if held is not None and held.turn_id == turn_id and held.user_text == text:
             assert self._held_task is not None
@@ -751,7 +754,7 @@ class Session:
         """Every server tool of a reply has its result: go on (or apologise)."""
         if self._stop.is_set() or self._tg is None:
             return
-        apology = APOLOGIES.get(self._language, APOLOGIES[None]) if failed else None
+        apology = APOLOGIES.get(self._language, APOLOGIES[None])
         self.respond(replace(self.reply_options, script=apology) if failed else None)
 
     def _filler(self) -> None:
