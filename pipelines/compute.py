@@ -11,6 +11,11 @@ Lanes share the cores, so priority also holds *across* lanes: while urgent
 work (``URGENT`` and above: a final transcript, a reply's first audio) runs on
 any lane, streaming work of lower priority waits between two items; and
 background work (VISION) starts only while no other model work runs.
+
+A model on another server (``asr.engine = "openai"`` …) runs on a *remote lane*:
+the same policy decides which request goes next, but up to ``slots`` requests are
+in flight at once and none of them holds a core here, so they take no part in
+the cross-lane rules above.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -147,6 +152,70 @@ class Lane:
             self._thread.join(timeout)
 
 
+class RemoteLane:
+    """Requests to a model server: the lane's policy orders them, ``slots`` run at once.
+
+    The waiting happens on the event loop (the work is I/O): a caller queues, is granted a
+    slot, then performs its request itself, so cancelling it cancels the request."""
+
+    def __init__(self, name: str, compute: Compute, slots: int, fifo: bool,
+                 order: Sequence[Priority] | None) -> None:
+        self.name = name
+        self._compute = compute
+        self._policy = Policy(1, fifo=fifo, order=order)
+        self._slots = slots
+        self._running = 0
+        self._grants: dict[Work, asyncio.Future[None]] = {}
+
+    def queued(self) -> int:
+        return len(self._policy)
+
+    async def call(self, fn: Callable[[], Awaitable[T]], work: Work) -> T:
+        granted = asyncio.get_running_loop().create_future()
+        self._grants[work] = granted
+        self._drop(self._policy.add(work, time.monotonic()))
+        self._grant()
+        try:
+            await granted
+        except asyncio.CancelledError:
+            self._grants.pop(work, None)
+            if self._policy.cancel(work):
+                self._compute.metrics.cancelled(self.name, work.priority)
+            elif work.state is State.RUNNING:  # granted as it was cancelled: give it back
+                self._release()
+            raise
+        start = time.monotonic()
+        try:
+            return await fn()
+        finally:
+            self._compute.metrics.ran(self.name, work.priority, time.monotonic() - start, 1)
+            self._release()
+
+    def _grant(self) -> None:
+        now = time.monotonic()
+        self._drop(self._policy.expire(now))
+        while self._running < self._slots and (batch := self._policy.next(now)):
+            work = batch[0]
+            self._running += 1
+            self._compute.metrics.waited(self.name, work.priority, now - work.enqueued_at)
+            if work.priority <= Priority.LLM:
+                self._compute.admission.record(now - work.enqueued_at, now)
+            grant = self._grants.pop(work, None)
+            if grant is not None and not grant.done():
+                grant.set_result(None)
+
+    def _release(self) -> None:
+        self._running -= 1
+        self._grant()
+
+    def _drop(self, works: Sequence[Work]) -> None:
+        for work in works:
+            self._compute.metrics.stale(self.name, work.priority)
+            grant = self._grants.pop(work, None)
+            if grant is not None and not grant.done():
+                grant.set_exception(Dropped("superseded or expired before it could run"))
+
+
 class Compute:
     """Lanes by engine kind, shared by every session of the process."""
 
@@ -158,6 +227,7 @@ class Compute:
         ``fifo``: plain first-come-first-served lanes, no cross-lane priority (a baseline
         for benchmarks, not for production)."""
         self._lanes: dict[str, Lane] = {}
+        self._remote: dict[str, RemoteLane] = {}
         self._order = list(order) if order is not None else None
         Policy(order=self._order)  # refuse a bad order now, not in a lane thread
         self.fifo = fifo
@@ -176,6 +246,21 @@ class Compute:
                 self._lanes[name] = Lane(name, self, self._max_batch, self._gather_s, self.fifo,
                                          self._order)
             return self._lanes[name]
+
+    def remote_lane(self, name: str, slots: int) -> RemoteLane:
+        """The lane of one model server (``slots``: its requests in flight at once; the
+        first caller's count holds)."""
+        if name not in self._remote:
+            self._remote[name] = RemoteLane(name, self, slots, self.fifo, self._order)
+        return self._remote[name]
+
+    async def remote(self, lane: str, slots: int, priority: Priority,
+                     fn: Callable[[], Awaitable[T]], *, session: str | None = None,
+                     key: Hashable | None = None, deadline_s: float | None = None) -> T:
+        """Await ``fn()`` (a request to a model server) when the lane's policy grants it a
+        slot. ``key`` and ``deadline_s`` as in ``call``; cancelling cancels the request."""
+        work = Work(priority, session, key, _deadline(deadline_s))
+        return await self.remote_lane(lane, slots).call(fn, work)
 
     def saturated(self) -> bool:
         """Whether urgent work has been waiting too long lately (admission control)."""

@@ -151,7 +151,7 @@ class _Utterance:
     language: str | None
     partial: asyncio.Task[None] | None = None
     partial_at: int = 0  # stream sample count when the last partial was requested
-    speculation: asyncio.Task[AsrResult] | None = None
+    speculation: asyncio.Task[AsrResult | VoxlensError] | None = None
     judging: asyncio.Task[None] | None = None  # the end-of-turn model, asked at the pause
     finished: bool = False  # it found the turn finished (until the person speaks again)
     text_ms: int | None = None  # the endpoint silence the transcript so far asks for
@@ -288,9 +288,16 @@ class Listener:
             self._adapt_endpoint(result.text, audio_ms * MODEL_RATE // 1000)
             self._conv.on_partial(utt.turn_id, result.text, result.language, audio_ms)
 
-    async def _speculate(self, utt: _Utterance, audio: Float32Array, voiced_ms: int) -> AsrResult:
-        result = await self._asr.transcribe(audio, language=utt.language,
-                                            priority=Priority.ASR_FINAL, session=self.session_id)
+    async def _speculate(self, utt: _Utterance, audio: Float32Array,
+                         voiced_ms: int) -> AsrResult | VoxlensError:
+        """The final transcript of the utterance so far, or the engine's error: handed to
+        ``_finish`` (a task of the group must not raise, or the whole session would end)."""
+        try:
+            result = await self._asr.transcribe(audio, language=utt.language,
+                                                priority=Priority.ASR_FINAL,
+                                                session=self.session_id)
+        except VoxlensError as e:
+            return e
         if self._utt is utt and self._seg.paused and not is_hallucination(result, voiced_ms):
             self._adapt_endpoint(result.text, self._last_voiced)
             self._conv.on_tentative(utt.turn_id, result.text, result.language)
@@ -347,7 +354,10 @@ class Listener:
             await asyncio.wait([previous])
         try:
             if utt.speculation is not None:
-                result = await utt.speculation
+                speculated = await utt.speculation
+                if isinstance(speculated, VoxlensError):
+                    raise speculated
+                result = speculated
             else:
                 result = await self._asr.transcribe(audio, language=utt.language,
                                                     priority=Priority.ASR_FINAL,

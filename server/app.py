@@ -1,4 +1,5 @@
-"""The aiohttp application: /, /ws, /offer, /healthz, /v1/tokens, and the session registry.
+"""The aiohttp application: /, /ws, /v1/realtime, /offer, /healthz, /v1/tokens, the model API
+(server/model_api.py), and the session registry.
 
 Every request passes ``server.auth.guard`` first (origin check, then access key or token)."""
 
@@ -21,6 +22,7 @@ from pipelines.session import Engines, Session
 from server.auth import AUTH, CREDENTIAL, Auth, guard, tokens
 from server.engines import build_engines, session_config
 from server.limits import client_of, expire_session
+from server.model_api import setup_model_api
 from server.mqtt import MQTT, setup_mqtt
 from server.rtc import offer, setup_webrtc, webrtc_config
 from server.settings import Settings
@@ -252,4 +254,5 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engines
     app.router.add_post("/v1/vision/ask", vision_ask)
     app.router.add_post("/v1/tokens", tokens)
     app.router.add_post("/admin/drain", admin_drain)
+    setup_model_api(app)
     return app

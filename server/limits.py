@@ -6,11 +6,13 @@ without keys every visitor has the proxy's address: configure keys there.
 
 - ``ClientLimits`` counts per client: the sessions it holds (``limits.sessions_per_client``),
   the new sessions it opens (``limits.connections_per_minute``, a token bucket: every attempt
-  counts, refused ones too) and its running ``/v1/vision/ask`` requests
-  (``limits.vision_asks_per_client``). ``AppState.open_session`` asks it for every
-  WebSocket and WebRTC session. A new per-client endpoint (``/v1/realtime``) opens its
-  sessions the same way: ``state.open_session("realtime", client_of(request))``, and runs
-  ``expire_session`` beside the session. MQTT devices are not counted here: the broker's
+  counts, refused ones too), its running ``/v1/vision/ask`` requests
+  (``limits.vision_asks_per_client``) and its running model API requests
+  (``/v1/audio/…``, ``/v1/chat/completions``: ``limits.model_requests_per_client``).
+  ``AppState.open_session`` asks it for every WebSocket and WebRTC session. A new
+  per-client endpoint (``/v1/realtime``) opens its sessions the same way:
+  ``state.open_session("realtime", client_of(request))``, and runs ``expire_session``
+  beside the session. MQTT devices are not counted here: the broker's
   passwords and ACLs admit them and ``mqtt.idle_timeout_s`` expires them.
 - ``expire_session`` closes a session that reached ``limits.max_session_s`` or got no audio
   and no message from its client for ``limits.idle_timeout_s``, with a fatal
@@ -29,7 +31,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -42,6 +44,7 @@ from streaming.ratelimit import Clock, MessageLimits, TokenBucket
 
 log = logging.getLogger(__name__)
 
+Request = Literal["vision", "model"]  # the kinds of request counted per client while they run
 PRUNE_AT = 256  # connection-rate buckets kept before full (as-new) ones are forgotten
 MIN_SLEEP_S = 0.01  # the expiry watch never spins on a deadline it just missed by a hair
 
@@ -87,7 +90,7 @@ class ClientLimits:
         self.settings = settings
         self._clock = clock
         self._sessions: dict[str, int] = {}  # open sessions per client (no zero entries)
-        self._asks: dict[str, int] = {}  # running vision asks per client (no zero entries)
+        self._running: dict[Request, dict[str, int]] = {"vision": {}, "model": {}}  # per client
         self._buckets: dict[str, TokenBucket] = {}  # connection rate per client
         self._prune_at = PRUNE_AT
 
@@ -117,19 +120,22 @@ class ClientLimits:
         _release(self._sessions, client)
 
     @contextlib.contextmanager
-    def vision_ask(self, client: str) -> Iterator[None]:
-        """Hold one of ``client``'s vision-ask places while the block runs; raises ``Busy``
-        (429) at once when they are all taken."""
-        cap = self.settings.vision_asks_per_client
-        running = self._asks.get(client, 0)
+    def running(self, kind: Request, client: str) -> Iterator[None]:
+        """Hold one of ``client``'s places for requests of ``kind`` while the block runs;
+        raises ``Busy`` (429) at once when they are all taken."""
+        cap = (self.settings.vision_asks_per_client if kind == "vision"
+               else self.settings.model_requests_per_client)
+        counts = self._running[kind]
+        running = counts.get(client, 0)
         if cap and running >= cap:
-            raise Busy(f"this client already has {cap} vision questions running, its limit; "
-                       "wait for an answer", status=429)
-        self._asks[client] = running + 1
+            what = "vision questions" if kind == "vision" else "model requests"
+            raise Busy(f"this client already has {cap} {what} running, its limit; wait for "
+                       "an answer", status=429)
+        counts[client] = running + 1
         try:
             yield
         finally:
-            _release(self._asks, client)
+            _release(counts, client)
 
     def message_limits(self) -> MessageLimits:
         """A new session's rates of typed turns and image messages."""

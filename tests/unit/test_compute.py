@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from pipelines.compute import Compute, Priority
+from pipelines.compute import Compute, Dropped, Priority
 
 
 @pytest.fixture
@@ -107,3 +107,64 @@ async def test_streaming_jobs_pause_while_urgent_work_runs(compute: Compute) -> 
     finish_urgent.set()
     await asyncio.gather(consumer, urgent)
     assert events == ["urgent done", "token0", "token1", "token2"]
+
+
+# ---- remote lanes: requests to a model server ----------------------------------------------
+
+async def test_a_remote_lane_orders_waiting_requests_by_the_policy(compute: Compute) -> None:
+    """One slot: while it is taken, the waiting requests go most urgent first; a newer
+    request with the same key makes the queued one stale (Dropped), never sent."""
+    release = asyncio.Event()
+    sent: list[str] = []
+
+    def request(name: str, wait: asyncio.Event | None = None):  # type: ignore[no-untyped-def]
+        async def send() -> str:
+            sent.append(name)
+            if wait is not None:
+                await wait.wait()
+            return name
+        return send
+
+    first = asyncio.ensure_future(compute.remote("asr@x", 1, Priority.ASR_PARTIAL,
+                                                 request("busy", release)))
+    await asyncio.sleep(0)
+    old = asyncio.ensure_future(compute.remote("asr@x", 1, Priority.ASR_PARTIAL,
+                                               request("old partial"), key="p"))
+    new = asyncio.ensure_future(compute.remote("asr@x", 1, Priority.ASR_PARTIAL,
+                                               request("new partial"), key="p"))
+    final = asyncio.ensure_future(compute.remote("asr@x", 1, Priority.ASR_FINAL,
+                                                 request("final")))
+    await asyncio.sleep(0.01)
+    assert sent == ["busy"]  # one slot
+    release.set()
+    assert await asyncio.gather(first, new, final) == ["busy", "new partial", "final"]
+    with pytest.raises(Dropped):
+        await old
+    assert sent == ["busy", "final", "new partial"]
+
+
+async def test_a_remote_lane_frees_its_slot_on_failure_and_cancellation(compute: Compute) -> None:
+    hang = asyncio.Event()
+
+    async def fails() -> str:
+        raise RuntimeError("the server is down")
+
+    async def hangs() -> str:
+        await hang.wait()
+        return "never"
+
+    async def answers() -> str:
+        return "ok"
+
+    with pytest.raises(RuntimeError):
+        await compute.remote("tts@x", 1, Priority.TTS_FIRST, fails)
+    stuck = asyncio.ensure_future(compute.remote("tts@x", 1, Priority.TTS_FIRST, hangs))
+    waiting = asyncio.ensure_future(compute.remote("tts@x", 1, Priority.TTS_REST, answers))
+    await asyncio.sleep(0.01)
+    waiting.cancel()  # cancelled while queued: removed
+    stuck.cancel()  # cancelled while sending: the request is cancelled, its slot freed
+    for task in (stuck, waiting):
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert await compute.remote("tts@x", 1, Priority.TTS_REST, answers) == "ok"
+    assert compute.remote_lane("tts@x", 1).queued() == 0

@@ -11,6 +11,7 @@ from pipelines.engines.fakes import FakeAsr, FakeVad
 from pipelines.listener import EndpointConfig, Listener, ListenerConfig
 from streaming.audio import Float32Array
 from streaming.channels import Channel
+from streaming.errors import EngineError
 
 pytestmark = pytest.mark.looptime
 
@@ -75,3 +76,36 @@ async def test_a_question_at_the_end_still_ends_the_turn_sooner() -> None:
     fixed = (await listen(asr, np.concatenate([voice, np.zeros(24_000, np.float32)]),
                           adaptive=False)).stopped[0] - 1000
     assert adaptive < 500 <= fixed
+
+
+async def test_an_asr_failure_at_the_speculative_final_is_an_error_of_that_turn_alone() -> None:
+    """The final transcript is asked for at the pause (speculation); when the engine fails
+    (a model server down), the turn ends with an error and no text, and the listener goes
+    on to hear the next utterance (a failed task of the group would end the session)."""
+    failing = {"on": True}
+
+    def script(audio: Float32Array) -> str:
+        if failing["on"]:
+            raise EngineError("ASR endpoint failed: ConnectError")
+        return "What time is it?"
+
+    errors: list[str] = []
+    asr = FakeAsr(script, latency_s=0.05)
+    voice, pause = np.full(16_000, 0.1, np.float32), np.zeros(24_000, np.float32)
+    ends = Ends()
+    ends.on_error = errors.append  # type: ignore[method-assign]
+    listener = Listener(FakeVad(), asr, ends,  # type: ignore[arg-type]
+                        ListenerConfig(endpoint=EndpointConfig(adaptive=False)))
+    channel: Channel[Float32Array] = Channel(100)
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(listener.run(channel, tg))
+        for utterance in range(2):
+            failing["on"] = utterance == 0
+            audio = np.concatenate([voice, pause])
+            for i in range(0, audio.size, 512):
+                await channel.put(audio[i:i + 512])
+                await asyncio.sleep(512 / 16_000)
+        channel.close()
+        await task
+    assert {str(e) for e in errors} == {"ASR endpoint failed: ConnectError"}  # partial and final
+    assert ends.finals == [None, "What time is it?"]

@@ -150,15 +150,24 @@ def test_connection_buckets_of_clients_gone_quiet_are_forgotten() -> None:
 
 def test_vision_asks_per_client() -> None:
     limits = ClientLimits(LimitSettings(vision_asks_per_client=2))
-    with limits.vision_ask("a"), limits.vision_ask("a"):
-        with pytest.raises(Busy) as refused, limits.vision_ask("a"):
+    with limits.running("vision", "a"), limits.running("vision", "a"):
+        with pytest.raises(Busy) as refused, limits.running("vision", "a"):
             pass
         assert refused.value.status == 429 and refused.value.code == "busy"
-        with limits.vision_ask("b"):
+        with limits.running("vision", "b"):
             pass
-    with pytest.raises(RuntimeError), limits.vision_ask("a"):  # a failed ask frees its place
+    with pytest.raises(RuntimeError), limits.running("vision", "a"):  # a failed ask frees its place
         raise RuntimeError
-    assert limits._asks == {}
+    assert limits._running["vision"] == {}
+
+
+def test_model_requests_are_counted_apart_from_vision_asks() -> None:
+    limits = ClientLimits(LimitSettings(vision_asks_per_client=1, model_requests_per_client=1))
+    with limits.running("vision", "a"), limits.running("model", "a"):
+        with pytest.raises(Busy) as refused, limits.running("model", "a"):
+            pass
+        assert refused.value.status == 429 and "model requests" in refused.value.message
+    assert limits._running == {"vision": {}, "model": {}}
 
 
 # ---- session expiry (virtual clock) -------------------------------------------------------
@@ -227,7 +236,8 @@ def test_the_defaults_are_the_documented_ones() -> None:
     defaults = LimitSettings()
     assert defaults.model_dump() == {
         "sessions_per_client": 4, "connections_per_minute": 30, "texts_per_second": 1.0,
-        "images_per_second": 2.0, "vision_asks_per_client": 2, "max_session_s": 3600.0,
+        "images_per_second": 2.0, "vision_asks_per_client": 2, "model_requests_per_client": 32,
+        "max_session_s": 3600.0,
         "idle_timeout_s": 300.0}
     for name in defaults.model_dump():
         assert f"`limits.{name}`" in readme, name
