@@ -7,50 +7,21 @@ SIGTERM finishes its conversations while new sessions go to the other, then exit
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import json
-import os
 import signal
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from client.ws_client import VoxlensClient
-from server.launch import ServerProcess, free_port, spawn_server
+from server.launch import Fleet, ServerProcess, spawn_fleet
 from tests.conftest import ARTIFACTS, until
 
-ROOT = Path(__file__).resolve().parents[2]
 KEY = "vx-topology-key-4b8e1f0a2c"
 SECRET = "topology-shared-token-secret-0123456789abcdef"  # one secret: tokens work on every node
 GUARD_S = 90.0
-
-
-@dataclass
-class Fleet:
-    nodes: list[ServerProcess]
-    lb: subprocess.Popen[bytes]
-    lb_port: int
-    stats_port: int
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.lb_port}/ws"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.lb_port}"
-
-    def status(self) -> dict[str, str]:
-        """HAProxy's view of each node (UP, DOWN …), from its stats page."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.stats_port}/stats;csv", timeout=5) as r:
-            rows = csv.DictReader(io.StringIO(r.read().decode().lstrip("# ")))
-            return {row["svname"]: row["status"] for row in rows if row["pxname"] == "nodes"}
 
 
 def get(url: str, key: str | None = KEY) -> tuple[int, bytes]:
@@ -72,24 +43,12 @@ def fleet() -> Iterator[Fleet]:
            "VOXLENS_LIMITS__SESSIONS_PER_CLIENT": "0", "VOXLENS_LIMITS__CONNECTIONS_PER_MINUTE": "0",
            "VOXLENS_LLM__TEMPERATURE": "0", "VOXLENS_SERVER__DRAIN_TIMEOUT_S": "60",
            "VOXLENS_WEBRTC__HOST_ADDRESSES": '["127.0.0.1"]'}
-    nodes = [spawn_server(ARTIFACTS / f"server-node{i}.log", env=env) for i in (1, 2)]
-    lb_port, stats_port = free_port(), free_port()
-    lb_env = {**os.environ, "VOXLENS_LB_BIND": f"127.0.0.1:{lb_port}",
-              "VOXLENS_LB_STATS": f"127.0.0.1:{stats_port}",
-              "VOXLENS_NODE1": f"127.0.0.1:{nodes[0].port}", "VOXLENS_NODE2": f"127.0.0.1:{nodes[1].port}"}
-    log = (ARTIFACTS / "haproxy.log").open("wb")
-    lb = subprocess.Popen(["haproxy", "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg")],
-                          env=lb_env, stdout=log, stderr=subprocess.STDOUT)
-    f = Fleet(nodes, lb, lb_port, stats_port)
+    # HAProxy runs deploy/haproxy.cfg itself, its addresses from the environment
+    f = spawn_fleet(2, ARTIFACTS, env=env)
     try:
-        asyncio.run(until(lambda: _up(f), GUARD_S))
         yield f
     finally:
-        lb.terminate()
-        lb.wait(10)
-        for node in nodes:
-            if node.proc.poll() is None:
-                node.stop()
+        f.stop()
 
 
 async def test_sessions_spread_stay_and_survive_a_drained_node(fleet: Fleet) -> None:
@@ -134,13 +93,6 @@ async def test_sessions_spread_stay_and_survive_a_drained_node(fleet: Fleet) -> 
     assert await asyncio.to_thread(node1.proc.wait, GUARD_S) == 0
     assert "drained: 0 sessions closed" in node1.log.read_text("utf-8")
     assert fleet.status()["node1"] != "UP" and fleet.status()["node2"] == "UP"
-
-
-def _up(fleet: Fleet) -> bool:
-    try:
-        return set(fleet.status().values()) == {"UP"}
-    except OSError:  # the balancer is still starting
-        return False
 
 
 def _post(url: str) -> tuple[int, bytes]:
