@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from pipelines import turntaking as tt
 from pipelines.bargein import (
     ECHO_LOOKBACK_MS,
     BargeInConfig,
@@ -31,6 +32,7 @@ from pipelines.engines.base import (
 )
 from pipelines.history import History, Item, Kind
 from pipelines.listener import Listener, ListenerConfig, is_hallucination
+from pipelines.reply import ReplyHandle
 from pipelines.text import main_script
 from pipelines.tools import APOLOGIES, FILLERS, ToolCalls, ToolsConfig
 from pipelines.turn import Turn, TurnConfig
@@ -131,18 +133,6 @@ class _Stop(Exception):
     pass
 
 
-@dataclass(slots=True)
-class _BargeIn:
-    """A reply paused because the person may be speaking over it (pipelines/bargein.py)."""
-
-    turn: Turn  # the paused reply
-    echo_from_ms: float  # reply audio before this point cannot be echoed in the utterance
-    voice_ms: int  # input position where the sound began
-    utterance: int | None = None  # the listener's turn id once the sound is speech
-    timer: asyncio.Task[None] | None = None  # interrupts after ``interrupt_after_ms`` of speech
-    dismissed: bool = False  # the latest partial was a backchannel or echo
-
-
 class Session:
     """Implements the transports' SessionPort (streaming/ports.py) and the listener's Conversation.
 
@@ -164,19 +154,17 @@ class Session:
         self._started = False  # audio or text arrived: format can no longer change
         self.last_input = clock()  # when the client last sent audio or a message (idle time)
         self._next_turn = 0
-        self._held: Turn | None = None  # prepared at a tentative transcript, not released
-        self._held_task: asyncio.Task[None] | None = None
-        self._playing: asyncio.Task[None] | None = None
-        self._reply: Turn | None = None  # the released reply the person may be hearing
+        self._held: ReplyHandle | None = None  # prepared at a tentative transcript
+        self._current: ReplyHandle | None = None  # the released reply the person may be hearing
         self._playout: Playout | None = None  # the transport's reply audio outlet
         self._pushed_ms = 0.0  # input audio received (the listener's positions)
         self._playout_from_ms = 0.0  # input position where the playout's microphone began
         self._played: tuple[int, int] | None = None  # the client's last report: (turn, ms)
-        self._barge: _BargeIn | None = None
+        self.turns = tt.TurnTaking(self._judge, bargein=config.bargein.enabled)
+        self._timer: asyncio.Task[None] | None = None  # the utterance over the reply runs long
         self._prefill: asyncio.Task[None] | None = None
         self._utterance: int | None = None  # the turn id of the utterance being spoken
         self.reply_options = ReplyOptions()  # how replies are made unless one says otherwise
-        self.auto_reply = True  # the person's finished utterance starts a reply
         self._recent: deque[Turn] = deque(maxlen=8)  # released replies (truncating one)
         self._committing: asyncio.Task[None] | None = None  # a committed utterance transcribing
         self._language: str | None = None  # the language of the person's latest words
@@ -240,14 +228,14 @@ class Session:
         """The client's stop: cut the reply now, whatever is playing or being prepared."""
         self.last_input = self.clock()
         if self._audible() is not None:
-            self._interrupt()
+            self._stop_reply()
 
     def playback(self, played_ms: int, turn_id: int | None) -> None:
         self.last_input = self.clock()
         if turn_id is None:
-            if self._reply is None:
+            if self._current is None:
                 return
-            turn_id = self._reply.turn_id
+            turn_id = self._current.turn_id
         self._played = (turn_id, played_ms)
 
     def submit_text(self, text: str) -> None:
@@ -258,6 +246,15 @@ class Session:
             raise ProtocolError("too many typed turns at once; wait for a reply", code="busy")
 
     # ---- the conversation as items (the Realtime endpoint; tool results) --------------
+
+    @property
+    def auto_reply(self) -> bool:
+        """Whether the person's finished utterance starts a reply (else the client asks)."""
+        return self.turns.auto_reply
+
+    @auto_reply.setter
+    def auto_reply(self, on: bool) -> None:
+        self.turns.auto_reply = on
 
     @property
     def instructions(self) -> str:
@@ -280,6 +277,7 @@ class Session:
                            adaptive=c.listener.endpoint.adaptive and silence_ms is None)
         listener = replace(c.listener, segmenter=seg, endpoint=endpoint)
         self.config = replace(c, listener=listener, bargein=replace(c.bargein, enabled=interrupt))
+        self.turns.bargein = interrupt
         if self._listener is not None:
             self._listener.reconfigure(listener)
 
@@ -321,9 +319,9 @@ class Session:
         turn = next((t for t in self._recent if reply_item_id(t.turn_id) == item_id), None)
         if turn is None:
             raise ProtocolError(f"no reply item {item_id!r} to truncate", code="bad_item")
-        if turn is self._reply and self._audible() is not None:
+        if self._current is not None and turn is self._current.turn and self._audible() is not None:
             self._played = (turn.turn_id, audio_end_ms)
-            self._interrupt()
+            self._stop_reply()
             return turn.heard or ""
         heard = heard_text(turn.spoken, audio_end_ms)
         if heard != turn.text.strip():
@@ -338,7 +336,7 @@ class Session:
         self._started = True
         self.last_input = self.clock()
         turn_id = self._new_turn_id()
-        self._start_turn(turn_id, None, held=False, options=options)
+        self._release(self._make_reply(turn_id, None, options=options), None)
         return turn_id
 
     def commit_audio(self, audio: Float32Array) -> int:
@@ -421,7 +419,7 @@ class Session:
 
     async def _read_texts(self) -> None:
         async for text in self._texts:
-            self._start_turn(self._new_turn_id(), text, held=False, speech_end=self.clock())
+            self._release(self._make_reply(self._new_turn_id(), text), self.clock())
 
     # ---- Conversation (called by the listener) ----------------------------------------
 
@@ -436,43 +434,107 @@ class Session:
         return self._next_turn
 
     def on_voice(self, t_ms: int) -> None:
-        if self.config.bargein.enabled and self._barge is None:
-            turn = self._audible(echo=True)
-            if turn is not None:
-                self._barge = _BargeIn(turn, self._played_ms(turn) - ECHO_LOOKBACK_MS, t_ms)
-                if self._playout is not None:
-                    self._playout.pause()
+        self._take(self.turns.feed(self._voice(t_ms)))
 
     def on_noise(self, t_ms: int) -> None:
-        if self._barge is not None and self._barge.utterance is None:
-            self._end_barge()
+        self._take(self.turns.feed(tt.Noise()))
 
     def on_speech_started(self, t_ms: int) -> int:
         self._started = True
         turn_id = self._utterance = self._new_turn_id()
         self._emit(SpeechStarted(t_ms, turn_id))
-        self.on_voice(t_ms)  # in case voice_ms >= min_speech_ms
-        barge = self._barge
-        if barge is not None and barge.utterance is None and self._tg is not None:
-            barge.utterance = turn_id
-            barge.timer = self._tg.create_task(self._interrupt_after(barge))
+        self._take(self.turns.feed(tt.SpeechStarted(turn_id, self._voice(t_ms))))
         return turn_id
 
-    def _barging(self, turn_id: int) -> _BargeIn | None:
-        """The pending barge-in of this utterance, if any."""
-        barge = self._barge
-        return barge if barge is not None and barge.utterance == turn_id else None
+    def on_speech_stopped(self, t_ms: int) -> None:
+        self._emit(SpeechStopped(t_ms, self._utterance))
 
-    def _real(self, barge: _BargeIn, text: str, language: str | None) -> bool:
+    def on_partial(self, turn_id: int, text: str, language: str | None, audio_ms: int) -> None:
+        self._emit(Transcript(turn_id, text, False, language, audio_ms))
+        self._take(self.turns.feed(tt.Partial(turn_id, text, language)))
+
+    def on_tentative(self, turn_id: int, text: str, language: str | None) -> None:
+        self._take(self.turns.feed(tt.Tentative(turn_id, text, language)))
+
+    def on_resumed(self, turn_id: int) -> None:
+        self._take(self.turns.feed(tt.Resumed(turn_id)))
+
+    def on_final(self, turn_id: int, text: str | None, language: str | None,
+                 speech_end: float) -> None:
+        self._take(self.turns.feed(tt.Final(turn_id, text, language, speech_end)))
+
+    def _on_scene(self, scene: Scene) -> None:
+        self._emit(scene)
+        if self._listener is None or not self._listener.speaking:
+            self.prepare_llm()  # the camera lines of the next prompt changed
+
+    def on_error(self, error: VoxlensError, turn_id: int | None = None) -> None:
+        self._emit(Error(error.code, error.message, not error.recoverable, turn_id=turn_id))
+
+    # ---- turn-taking: the facts it is fed, the actions it answers with -----------------
+
+    def _voice(self, t_ms: int) -> tt.Voice:
+        """Voice at ``t_ms``, with the reply it may be over (one that can still be heard, or
+        echoed) and how much of that reply was heard shortly before it."""
+        reply = self._audible(echo=True)
+        if reply is None:
+            return tt.Voice(t_ms, None)
+        return tt.Voice(t_ms, reply.turn_id, self._played_ms(reply.turn) - ECHO_LOOKBACK_MS)
+
+    def _take(self, actions: list[tt.Action]) -> None:
+        """Perform what turn-taking decided, in order."""
+        for action in actions:
+            match action:
+                case tt.Pause():
+                    if self._playout is not None:
+                        self._playout.pause()
+                case tt.Resume():
+                    if self._playout is not None:
+                        self._playout.resume()
+                case tt.StartTimer(utterance) if self._tg is not None:
+                    self._timer = self._tg.create_task(self._overtime(utterance))
+                case tt.CancelTimer():
+                    if self._timer is not None:
+                        self._timer.cancel()
+                        self._timer = None
+                case tt.Cut():
+                    self._cut()
+                case tt.Hold(turn_id, text, language):
+                    self._held = self._make_reply(turn_id, text, language=language)
+                case tt.DropHeld():
+                    if self._held is not None:
+                        self._held.drop()
+                        self._held = None
+                case tt.Release(speech_end):
+                    held, self._held = self._held, None
+                    assert held is not None
+                    self._release(held, speech_end)
+                case tt.Reply(turn_id, text, language, speech_end):
+                    self._release(self._make_reply(turn_id, text, language=language), speech_end)
+                case tt.Transcribed(turn_id, text, language):
+                    self._emit(Transcript(turn_id, text, True, language))
+                case tt.Words(turn_id, text, language):
+                    self._user_words(turn_id, text, language)
+                case tt.Prefill(text):
+                    self.prepare_llm(text)
+
+    def _stop_reply(self) -> None:
+        """Cut the reply now (the client's stop, a truncation, a newer turn)."""
+        self._take(self.turns.feed(tt.Stop()))
+
+    def _judge(self, barge: tt.Barge, text: str, language: str | None) -> bool:
         """Whether words over a reply are an interruption (not a backchannel, not echo)."""
         cfg = self.config.bargein
-        turn = barge.turn  # echo can only be of the audio sent since shortly before the voice
+        turn = next((t for t in self._recent if t.turn_id == barge.reply), None)
+        if turn is None:
+            return True
+        # echo can only be of the audio sent since shortly before the voice
         sent = self._playout.sent_ms(turn.turn_id) if self._playout is not None else math.inf
         echoed = said_between(turn.spoken, barge.echo_from_ms, sent)
         return (content_words(text, language, echoed, cfg) >= cfg.min_words
                 and not self._only_echo(barge))
 
-    def _only_echo(self, barge: _BargeIn) -> bool:
+    def _only_echo(self, barge: tt.Barge) -> bool:
         """Whether the sound so far held nothing the reply's echo cannot account for, when the
         server cancels this client's echo (streaming/echo.py, ``voice_beyond_echo_ms``):
         whatever words AEC3's leftovers were transcribed as, they are not the person's."""
@@ -485,32 +547,31 @@ class Session:
         return beyond is not None and beyond < max(self.config.bargein.voice_beyond_echo_ms,
                                                    BEYOND_SHARE * (end - start))
 
-    async def _interrupt_after(self, barge: _BargeIn) -> None:
+    async def _overtime(self, utterance: int) -> None:
+        """The utterance over the reply went on for ``interrupt_after_ms``."""
         await asyncio.sleep(self.config.bargein.interrupt_after_ms / 1000)
-        if (self._barge is barge and not barge.dismissed and self._listener is not None
-                and self._listener.voicing and not self._only_echo(barge)):
-            self._interrupt()
+        self._timer = None
+        barge = self.turns.barging(utterance)
+        speaking = (barge is not None and self._listener is not None and self._listener.voicing
+                    and not self._only_echo(barge))
+        self._take(self.turns.feed(tt.Overtime(utterance, speaking)))
 
-    def _end_barge(self) -> None:
-        """The sound over the reply was nothing: the reply goes on where it paused."""
-        barge, self._barge = self._barge, None
-        if barge is not None and barge.timer is not None:
-            barge.timer.cancel()
+    def _cut(self) -> None:
+        """Cut the current reply: drop its unsent audio, cancel its LLM and TTS work, keep
+        only what was heard in the history, and tell the client."""
+        reply = self._current
+        if reply is None or reply.interrupted or self._audible() is None:
+            if self._playout is not None:  # nothing left to cut (it may still echo)
+                self._playout.resume()
+            return
+        played = self._played_ms(reply.turn)
+        heard = reply.interrupt(played)  # its history entry keeps what was heard
         if self._playout is not None:
-            self._playout.resume()
+            self._playout.cut(reply.turn_id)
+        self._emit(ReplyInterrupted(reply.turn_id, round(played), heard))
+        self._void_calls()
 
-    def on_speech_stopped(self, t_ms: int) -> None:
-        self._emit(SpeechStopped(t_ms, self._utterance))
-
-    def on_partial(self, turn_id: int, text: str, language: str | None, audio_ms: int) -> None:
-        self._emit(Transcript(turn_id, text, False, language, audio_ms))
-        barge = self._barging(turn_id)
-        if barge is not None:
-            barge.dismissed = not self._real(barge, text, language)
-            if not barge.dismissed:
-                self._interrupt()
-        if self._barge is None:
-            self.prepare_llm(text)
+    # ---- replies -----------------------------------------------------------------------
 
     def prepare_llm(self, words: str = "") -> None:
         """Warm the LLM's prompt cache with the prompt the next turn will start with (the
@@ -534,67 +595,11 @@ class Session:
             log.warning("LLM prefill failed (%s); log_level=DEBUG says why", e.code)
             log.debug("LLM prefill failed: %s", e.message)
 
-    def on_tentative(self, turn_id: int, text: str, language: str | None) -> None:
-        self._drop_held()
-        barge = self._barging(turn_id)
-        if barge is not None:
-            if not self._real(barge, text, language):
-                if self._playout is not None:
-                    self._playout.resume()  # likely "uh-huh": go on (paused again if it goes on)
-                return
-            self._interrupt()
-        if self.auto_reply:
-            self._start_turn(turn_id, text, held=True, language=language)
 
-    def on_resumed(self, turn_id: int) -> None:
-        if self._held is not None and self._held.turn_id == turn_id:
-            self._drop_held()
-        if self._barging(turn_id) is not None and self._playout is not None:
-            self._playout.pause()
-
-    def on_final(self, turn_id: int, text: str | None, language: str | None,
-                 speech_end: float) -> None:
-        held = self._held
-        barge = self._barging(turn_id)
-        if barge is not None and (text is None or not self._real(barge, text, language)):
-            text = None  # a backchannel, noise or the reply's own echo: not a turn
-            self._end_barge()
-        if text is None:
-            if held is not None and held.turn_id == turn_id:
-                self._drop_held()
-            return
-        if barge is not None:
-            self._interrupt()
-        self._emit(Transcript(turn_id, text, True, language))
-        if not self.auto_reply:  # the client asks for replies (Realtime, create_response off)
-            self._user_words(turn_id, text, language)
-            return
-        if held is not None and held.turn_id == turn_id and held.user_text == text:
-            assert self._held_task is not None
-            task, self._held, self._held_task = self._held_task, None, None
-            self._release(held, task, speech_end)
-            return
-        self._drop_held()
-        self._start_turn(turn_id, text, held=False, speech_end=speech_end, language=language)
-
-    def _on_scene(self, scene: Scene) -> None:
-        self._emit(scene)
-        if self._listener is None or not self._listener.speaking:
-            self.prepare_llm()  # the camera lines of the next prompt changed
-
-    def on_error(self, error: VoxlensError, turn_id: int | None = None) -> None:
-        self._emit(Error(error.code, error.message, not error.recoverable, turn_id=turn_id))
-
-    # ---- turns -------------------------------------------------------------------------
-
-    def _drop_held(self) -> None:
-        if self._held_task is not None:
-            self._held_task.cancel()
-        self._held = self._held_task = None
-
-    def _start_turn(self, turn_id: int, user_text: str | None, *, held: bool,
-                    speech_end: float | None = None, language: str | None = None,
-                    options: ReplyOptions | None = None) -> None:
+    def _make_reply(self, turn_id: int, user_text: str | None, *, language: str | None = None,
+                    options: ReplyOptions | None = None) -> ReplyHandle:
+        """A reply to ``user_text`` (None: to the conversation as it stands), held until
+        released."""
         if self._tg is None:
             raise ProtocolError("session is not running", code="bad_state")
         if user_text is None:  # a reply to the conversation so far: the latest words' language
@@ -607,38 +612,34 @@ class Session:
                     audio_room=self._audio_room, language=language,
                     options=options or self.reply_options, tools=self.tools.offered(),
                     server_tools=self.tools.server_names())
-        task = self._tg.create_task(self._run_turn(turn))
-        if held:
-            self._held, self._held_task = turn, task
-        else:
-            self._release(turn, task, speech_end)
+        return ReplyHandle(turn, self._tg.create_task(self._run_turn(turn)))
 
-    def _release(self, turn: Turn, task: asyncio.Task[None], speech_end: float | None) -> None:
-        if self._playing is not None and not self._playing.done():
-            self._interrupt()  # a newer user turn replaces the reply still being made
+    def _release(self, reply: ReplyHandle, speech_end: float | None) -> None:
+        if self._current is not None and self._current.making:
+            self._stop_reply()  # a newer turn replaces the reply still being made
         # (a reply already made plays out its last queued audio; the new one follows it)
-        if turn.user_text is not None:
+        if reply.turn.user_text is not None:
             self._void_calls()  # the person spoke: the results of earlier calls come too late
-            self._language = turn.language
-        self._playing, self._reply = task, turn
-        self._recent.append(turn)
-        turn.release(speech_end)
+            self._language = reply.turn.language
+        self._current = reply
+        self._recent.append(reply.turn)
+        reply.release(speech_end)
 
     async def _audio_room(self) -> None:
         if self._playout is not None:
             await self._playout.room()
 
-    def _audible(self, *, echo: bool = False) -> Turn | None:
+    def _audible(self, *, echo: bool = False) -> ReplyHandle | None:
         """The released reply while it is being prepared, sent or played (``echo``: or can
         still be heard back in the microphone)."""
-        turn = self._reply
-        if turn is None or turn.heard is not None:
+        reply = self._current
+        if reply is None or reply.interrupted:
             return None
-        if self._playing is not None and not self._playing.done():
-            return turn
-        if self._playout is not None and (self._playout.echoing(turn.turn_id) if echo
-                                          else self._playout.audible(turn.turn_id)):
-            return turn
+        if reply.making:
+            return reply
+        if self._playout is not None and (self._playout.echoing(reply.turn_id) if echo
+                                          else self._playout.audible(reply.turn_id)):
+            return reply
         return None
 
     def _played_ms(self, turn: Turn) -> float:
@@ -651,28 +652,6 @@ class Session:
         if report is not None:
             return min(float(report), self._playout.sent_ms(turn.turn_id))
         return self._playout.heard_ms(turn.turn_id)
-
-    def _interrupt(self) -> None:
-        """Cut the current reply: drop its unsent audio, cancel its LLM and TTS work, keep
-        only what was heard in the history, and tell the client."""
-        barge, self._barge = self._barge, None
-        if barge is not None and barge.timer is not None:
-            barge.timer.cancel()
-        turn = self._reply
-        if turn is None or turn.heard is not None or self._audible() is None:
-            if self._playout is not None:  # nothing left to cut (it may still echo)
-                self._playout.resume()
-            return
-        played = self._played_ms(turn)
-        turn.heard = heard_text(turn.spoken, played)
-        if self._playout is not None:
-            self._playout.cut(turn.turn_id)
-        if self._playing is not None and not self._playing.done():
-            self._playing.cancel()  # the history entry is written as the task ends
-        elif turn.reply_item is not None:
-            turn.reply_item.text = turn.reply_for_history()
-        self._emit(ReplyInterrupted(turn.turn_id, round(played), turn.heard))
-        self._void_calls()
 
     def system_prompt(self, instructions: str | None = None) -> str:
         return fixed_system_prompt(instructions or self.config.system_prompt,

@@ -240,7 +240,7 @@ async def test_backchannel_noise_and_echo_do_not_interrupt(sound: str) -> None:
         assert len(room.of(ReplyStarted)) == 1
         gaps = [b.t - a.t for a, b in zip(room.played, room.played[1:], strict=False) if b.t > start]
         assert max(gaps) > 0.05  # it did pause while the sound was judged ...
-        emitted = sum(c.duration_ms for c in room.session._reply.spoken)  # type: ignore[union-attr]
+        emitted = sum(c.duration_ms for c in room.session._current.turn.spoken)  # type: ignore[union-attr]
         assert room.played_ms(1) == pytest.approx(emitted, abs=1)  # ... and then played all of it
         assert [k for k, _ in room.session.history.pairs()] == ["user", "assistant"]
         assert room.session.history.items[1].text == REPLY
@@ -260,7 +260,7 @@ async def test_a_long_sound_without_words_cuts_the_reply_unless_it_is_only_echo(
             await room.until(lambda: not room.playout.queued_ms())
             assert not room.of(ReplyInterrupted)
             assert room.played_ms(1) == pytest.approx(
-                sum(c.duration_ms for c in room.session._reply.spoken), abs=1)  # type: ignore[union-attr]
+                sum(c.duration_ms for c in room.session._current.turn.spoken), abs=1)  # type: ignore[union-attr]
         else:
             await room.until(lambda: bool(room.of(ReplyInterrupted)))
         assert [t.text for t in room.of(Transcript) if t.final] == [SCRIPT[200]]
@@ -364,8 +364,8 @@ async def test_interrupt_at_the_very_end_and_after_the_end() -> None:
     async with open_room() as room:
         room.session.submit_text("tell me about Paris")
         def generated() -> bool:
-            task = room.session._playing
-            return task is not None and task.done()
+            reply = room.session._current
+            return reply is not None and not reply.making
         await room.until(lambda: generated() and 0 < room.playout.queued_ms() <= 300)
         room.session.interrupt()  # generation is over, the last words are still playing
         await room.until(lambda: bool(room.of(ReplyInterrupted)))
@@ -390,7 +390,7 @@ async def test_the_clients_playback_report_decides_what_was_heard() -> None:
         await room.until(lambda: bool(room.of(ReplyInterrupted)))
         (cut,) = room.of(ReplyInterrupted)
         assert cut.played_ms == 1800
-        assert cut.heard_text == heard_text(room.session._reply.spoken, 1800)  # type: ignore[union-attr]
+        assert cut.heard_text == heard_text(room.session._current.turn.spoken, 1800)  # type: ignore[union-attr]
 
 
 async def test_endpoint_waits_longer_when_the_person_trails_off() -> None:
