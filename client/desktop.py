@@ -20,18 +20,15 @@ import json
 import queue
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
 import numpy.typing as npt
-from aiortc.exceptions import InvalidStateError
 from aiortc.mediastreams import MediaStreamTrack
 
-from client.access import AccessError
 from client.desktop_audio import (
     AudioDeviceError,
     DesktopMicrophone,
@@ -42,7 +39,18 @@ from client.desktop_audio import (
     SpeakerOutput,
 )
 from client.desktop_camera import CameraError, CameraSource, CameraTrack, FrameSlot
-from client.desktop_state import CAMERA, CLOSED, MUTED, PLAYED, TYPED, WARNING, DesktopState, ReplyGate
+from client.desktop_state import (
+    CAMERA,
+    CLOSED,
+    MUTED,
+    PLAYED,
+    RECONNECTING,
+    TYPED,
+    WARNING,
+    DesktopState,
+    ReplyGate,
+)
+from client.events import Reconnecting, Retry, stdin_lines
 from client.rtc_client import RATE, WebRtcClient
 from client.wavio import read_wav
 from streaming.audio import Float32Array
@@ -60,7 +68,8 @@ class DesktopOptions:
     mic_file: Path | None = None  # a WAV played once as the microphone (real time)
     record: Path | None = None  # reply audio to this WAV instead of the speaker
     ice_hosts: list[str] = field(default_factory=list)  # offer ICE host candidates on these only
-    api_key: str | None = None  # a new token is minted with it for the connection
+    api_key: str | None = None  # a new token is minted with it for each connection
+    stdin: bool = False  # headless: each line of standard input is a typed turn
 
 
 class DesktopRtcClient(WebRtcClient):
@@ -87,9 +96,13 @@ class DesktopRtcClient(WebRtcClient):
 
 
 class DesktopApp:
-    """One conversation with the devices. ``notify`` receives every event (the server's and
-    the app's own ``desktop.*``) on the loop thread. The commands (``set_muted``,
-    ``set_camera``, ``send_text``, ``stop``) must be called on the loop thread."""
+    """One conversation with the devices, kept connected: when the server ends the session
+    (``session.closing``: it restarts) or the connection drops, the app connects again to the
+    same URL (the balancer) with the same settings, as ``client.events.Reconnecting`` says,
+    and tells the person (``desktop.reconnecting``). ``notify`` receives every event (the
+    server's and the app's own ``desktop.*``) on the loop thread. The commands
+    (``set_muted``, ``set_camera``, ``send_text``, ``stop``) must be called on the loop
+    thread."""
 
     def __init__(self, options: DesktopOptions, notify: Callable[[JsonEvent], None]) -> None:
         self.options = options
@@ -99,11 +112,13 @@ class DesktopApp:
         self.mic = DesktopMicrophone()
         self.buffer = PlaybackBuffer(RATE)
         self.gate = ReplyGate(RATE)
-        self.client: DesktopRtcClient | None = None
-        self._video: CameraTrack | None = None
+        self.client: DesktopRtcClient | None = None  # the session open now
+        self._video: CameraTrack | None = None  # the camera's track in that session
+        self._camera_on = True
+        self._utterance: tuple[Float32Array, int] | None = None  # --mic-file, said once
         self._playing: int | None = None  # the reply whose audio plays (or is still queued)
         self._stop = asyncio.Event()
-        self._lost = False
+        self._connected = asyncio.Event()  # a session is open
 
     # ---- commands ---------------------------------------------------------------------
 
@@ -115,10 +130,12 @@ class DesktopApp:
         self.notify({"type": MUTED, "muted": muted})
 
     def set_camera(self, on: bool) -> None:
-        if self.camera is None or self._video is None:
+        if self.camera is None:
             return
+        self._camera_on = on
         self.camera.set_enabled(on)
-        self._video.set_enabled(on)
+        if self._video is not None:
+            self._video.set_enabled(on)
         self.notify({"type": CAMERA, "on": on})
 
     def interrupt(self) -> None:
@@ -139,39 +156,30 @@ class DesktopApp:
     # ---- the conversation -------------------------------------------------------------
 
     async def run(self) -> int:
-        """Open the devices, connect, converse until ``stop()`` or the connection ends, then
-        close the peer connection, the devices and their threads. Returns 0 after ``stop()``,
-        1 when the connection failed or ended. Cancelling it closes everything the same way."""
+        """Open the devices, connect, converse (reconnecting when the session ends) until
+        ``stop()``, then close the peer connection, the devices and their threads. Returns 0
+        after ``stop()``, 1 when no connection could be made, or none again. Cancelling it
+        closes everything the same way."""
         async with contextlib.AsyncExitStack() as stack:
             await self._open_camera(stack)
             output = await self._open_output()
             stack.push_async_callback(asyncio.to_thread, output.close)
-            self.client = client = DesktopRtcClient(self.options, self.mic, self._video,
-                                                    self._on_event, self._on_audio)
-            stack.push_async_callback(self._close_client, client)
-            utterance = await self._open_microphone(stack)
+            self._utterance = await self._open_microphone(stack)
+            server = self.options.url
+            keeper = Reconnecting(self._session, server, on_retry=self._retrying,
+                                  on_session=self._opened)
             async with asyncio.TaskGroup() as tg:  # stop() also ends a connection attempt
-                connecting = tg.create_task(self._connect(client))
+                keeping = tg.create_task(keeper.run())
                 stopping = tg.create_task(self._stop.wait())
-                await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)
-                connecting.cancel()
-                stopping.cancel()
-            if connecting.cancelled():
-                self.notify({"type": CLOSED, "reason": None})
-                return 0
-            if (failure := connecting.result()) is not None:
-                self.notify({"type": CLOSED, "reason": failure})
-                return 1
-            if utterance is not None:
-                self.mic.say(*utterance)
-            async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self._report_playback()),
-                         tg.create_task(self._watch(client))]
-                await self._stop.wait()
-                for task in tasks:
+                reporting = tg.create_task(self._report_playback())
+                await asyncio.wait([keeping, stopping], return_when=asyncio.FIRST_COMPLETED)
+                for task in (keeping, stopping, reporting):
                     task.cancel()
-        self.notify({"type": CLOSED, "reason": "the connection was lost" if self._lost else None})
-        return 1 if self._lost else 0
+        if keeping.cancelled():
+            self.notify({"type": CLOSED, "reason": None})
+            return 0
+        self.notify({"type": CLOSED, "reason": keeper.words()})
+        return 1
 
     async def _open_camera(self, stack: contextlib.AsyncExitStack) -> None:
         if self.camera is None:
@@ -185,7 +193,6 @@ class DesktopApp:
             self.camera = None
             return
         stack.push_async_callback(asyncio.to_thread, self.camera.close)
-        self._video = CameraTrack(self.camera.slot)
         self.notify({"type": CAMERA, "on": True})
 
     async def _open_output(self) -> Output:
@@ -211,24 +218,47 @@ class DesktopApp:
         stack.push_async_callback(asyncio.to_thread, device.close)
         return None
 
-    async def _connect(self, client: DesktopRtcClient) -> str | None:
-        """None once connected (the session is ready), else why not."""
-        try:
-            await client.__aenter__()
-        except AccessError as e:  # the server wants a key, or refused the one given
-            return str(e)
-        except (ConnectionError, aiohttp.ClientError, OSError, TimeoutError) as e:
-            return f"could not connect to {client.base_url}: {e or type(e).__name__}"
-        return None
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[DesktopRtcClient]:
+        """One session: a new peer connection with the same microphone, camera and settings,
+        entered once it is ready; on the way out it says ``session.end`` and closes."""
+        video = None
+        if self.camera is not None:
+            video = CameraTrack(self.camera.slot)
+            video.set_enabled(self._camera_on)
+        client = DesktopRtcClient(self.options, self.mic, video, self._on_event, self._on_audio)
+        async with client:
+            self.client, self._video = client, video
+            self._connected.set()
+            try:
+                yield client
+            finally:
+                self._connected.clear()
+                self._send({"type": "session.end"})
+                self.client = self._video = None
+                self._forget_replies()
 
-    async def _close_client(self, client: DesktopRtcClient) -> None:
-        self._send({"type": "session.end"})
-        await client.close()
+    async def until_connected(self) -> None:
+        """Return once a session is open (at once when one is)."""
+        await self._connected.wait()
 
-    async def _watch(self, client: DesktopRtcClient) -> None:
-        await client.closed.wait()
-        self._lost = True
-        self._stop.set()
+    def _opened(self, client: DesktopRtcClient) -> None:
+        if self._utterance is not None:  # --mic-file is said once, in the first session
+            self.mic.say(*self._utterance)
+            self._utterance = None
+
+    def _retrying(self, retry: Retry) -> None:
+        self.notify({"type": RECONNECTING, "message": retry.words(),
+                     "reason": retry.ending.words, "attempt": retry.attempt,
+                     "tries": retry.tries, "wait_s": round(retry.wait_s, 2)})
+
+    def _forget_replies(self) -> None:
+        """The session is over: its reply stops (the next session numbers turns afresh)."""
+        if self.gate.active is not None:
+            self.gate.interrupted(self.gate.active)
+        if self._playing is not None:
+            self.buffer.cut(self._playing)
+            self._playing = None
 
     def _send(self, message: JsonEvent) -> bool:
         """Send on the events channel; False when not connected (or no longer)."""
@@ -236,7 +266,7 @@ class DesktopApp:
             return False
         try:
             self.client.send(message)
-        except InvalidStateError:  # the channel is closing
+        except ConnectionError:  # the channel is closing
             return False
         return True
 
@@ -330,6 +360,14 @@ def put_latest(inbox: queue.Queue[JsonEvent], ev: JsonEvent) -> None:
         inbox.put_nowait(ev)
 
 
+async def type_from_stdin(app: DesktopApp) -> None:
+    """Each line of standard input, a typed turn (headless ``--stdin``), until its end; a
+    line that comes while the app (re)connects is sent once it is connected."""
+    async for line in stdin_lines():
+        await app.until_connected()
+        app.send_text(line)
+
+
 async def run_headless(options: DesktopOptions) -> int:
     """The app without a window: events printed, a summary line at the end. SIGINT and
     SIGTERM end it cleanly; cancelling it closes everything the same way."""
@@ -343,9 +381,13 @@ async def run_headless(options: DesktopOptions) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, app.stop)
+    typing = asyncio.create_task(type_from_stdin(app)) if options.stdin else None
     try:
         code = await app.run()
     finally:
+        if typing is not None:
+            typing.cancel()
+            await asyncio.wait([typing])
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     print_json({"type": "desktop.exit", **state.summary()})

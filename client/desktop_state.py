@@ -21,6 +21,8 @@ MUTED = "desktop.muted"  # {muted}
 CAMERA = "desktop.camera"  # {on}; {available: false} when there is no camera at all
 WARNING = "desktop.warning"  # {message}: something is missing, the app goes on without it
 CLOSED = "desktop.closed"  # {reason}: the connection is over
+RECONNECTING = "desktop.reconnecting"  # {message, reason, attempt, tries, wait_s}: the session
+# ended (the server restarts, the connection dropped); a new one is tried in wait_s seconds
 
 
 @dataclass
@@ -39,6 +41,8 @@ def plain_error(code: str, message: str) -> str:
             return "The assistant is busy with other people right now. Please try again in a moment."
         case "not_ready":
             return "The assistant is still starting up. Please try again in a few seconds."
+        case "draining":
+            return "The assistant is restarting."
         case "engine_failed":
             return "Sorry, something went wrong while answering. Please try again."
         case _:
@@ -50,7 +54,8 @@ class DesktopState:
     change so a view redraws only when something changed."""
 
     def __init__(self) -> None:
-        self.state = "connecting"  # connecting, listening, thinking, speaking, disconnected, error
+        # connecting, listening, thinking, speaking, reconnecting, disconnected, error
+        self.state = "connecting"
         self.caption_turn: int | None = None  # the turn the captions belong to
         self.you = ""  # the person's words: live while they speak, then the final transcript
         self.you_final = False
@@ -84,6 +89,14 @@ class DesktopState:
                 self.state = "listening"
                 self.models = " · ".join(str(m) for m in (ev.get("models") or {}).values())
                 self.error = None
+                # a new session (after a reconnection) numbers its turns afresh
+                self.caption_turn = self.reply_turn = None
+                for earlier in self.log:
+                    earlier.turn_id = None
+            case "session.closing":
+                self.state = "reconnecting" if ev.get("reconnect") else "disconnected"
+                self.error = ("The assistant is restarting; reconnecting…" if ev.get("reconnect")
+                              else ev.get("message") or "The server ended the session.")
             case "transcript":
                 self._new_turn_caption(ev["turn_id"])
                 self.you, self.you_final = ev["text"], bool(ev["final"])
@@ -144,6 +157,9 @@ class DesktopState:
                 if ev["message"] in self.warnings:
                     self.warnings.remove(ev["message"])
                 self.warnings.append(ev["message"])
+            case "desktop.reconnecting":
+                self.state = "reconnecting"
+                self.error = ev["message"][:1].upper() + ev["message"][1:]
             case "desktop.closed":
                 if self.state != "error":
                     self.state = "disconnected"

@@ -40,7 +40,7 @@ BG, PANEL, FG, DIM = "#111827", "#1f2937", "#e5e7eb", "#9ca3af"
 YOU, ASSISTANT, WARN, ERR = "#f9fafb", "#93c5fd", "#fbbf24", "#f87171"
 STATE_COLORS = {"connecting": "#6b7280", "listening": "#16a34a", "thinking": "#d97706",
                 "speaking": "#2563eb", "disconnected": "#6b7280", "error": "#dc2626",
-                "closing": "#6b7280"}
+                "closing": "#6b7280", "reconnecting": "#d97706"}
 FONT = ("Helvetica", 12)
 CAPTION_FONT = ("Helvetica", 15)
 

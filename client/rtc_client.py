@@ -20,7 +20,7 @@ from aiortc.contrib.media import MediaPlayer
 from aiortc.mediastreams import MediaStreamTrack, VideoStreamTrack
 
 from client import access
-from client.events import EventLog
+from client.events import EventLog, refusal
 from client.wavio import last_voiced_sample
 from streaming.audio import Float32Array, float_to_pcm16, resample
 from streaming.channels import Channel, Full
@@ -52,6 +52,13 @@ class MicrophoneTrack(PcmTrack):
     async def drained(self) -> None:
         await self._drained.wait()
 
+    def view(self) -> TrackView:
+        """This microphone for one more peer connection (see TrackView); its real-time pacing
+        starts afresh, so what waited while no connection read it is not sent in a burst."""
+        self._start = None
+        self._pts = 0
+        return TrackView(self)
+
     def _take(self, n: int) -> bytes:
         chunk = super()._take(n)
         if self._voiced_end is not None:
@@ -62,6 +69,21 @@ class MicrophoneTrack(PcmTrack):
         if not self._buf:
             self._drained.set()
         return chunk
+
+
+class TrackView(MediaStreamTrack):
+    """One peer connection's view of a track that outlives it. aiortc stops the track of a
+    sender whose connection closes: this view is what it stops, so the track itself (a
+    microphone, a camera, a file played in a loop) goes on into the next connection. Its
+    owner stops it."""
+
+    def __init__(self, track: MediaStreamTrack) -> None:
+        super().__init__()
+        self.kind = track.kind
+        self.track = track
+
+    async def recv(self) -> av.frame.Frame | av.packet.Packet[Any]:
+        return await self.track.recv()
 
 
 def load_image(path: str | Path) -> npt.NDArray[np.uint8]:
@@ -110,7 +132,13 @@ def camera_track(path: str | Path) -> MediaStreamTrack:
 
 class WebRtcClient(EventLog):
     """One WebRTC session against ``POST {base_url}/offer`` (with ``api_key``: with a token
-    minted for it, client/access.py)."""
+    minted for it, client/access.py). Its microphone goes out through a view (TrackView),
+    so a client made for the next session can take it over.
+
+    Entering it waits for the session to be ready. A refused offer raises Refused (``busy``,
+    ``draining``, ``not_ready`` …, or ``unavailable`` from a balancer with no node), a refused
+    credential AccessError, and any other failure to connect a ConnectionError or
+    TimeoutError."""
 
     def __init__(self, base_url: str, *, camera: MediaStreamTrack | None = None,
                  language: str | None = None, host_addresses: list[str] | None = None,
@@ -131,7 +159,8 @@ class WebRtcClient(EventLog):
             restrict_host_candidates(host_addresses)
         self.pc = RTCPeerConnection()  # no ICE servers: host candidates only
         self._channel: RTCDataChannel | None = None
-        self._inbox: Channel[str] = Channel(1024, Full.DROP_OLDEST)  # data channel → events
+        # data channel → events; None: the connection ended (after the events before it)
+        self._inbox: Channel[str | None] = Channel(1024, Full.DROP_OLDEST)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> WebRtcClient:
@@ -149,7 +178,7 @@ class WebRtcClient(EventLog):
         self._tasks.append(asyncio.create_task(self._read_events()))
         if self.report_playback:
             self._tasks.append(asyncio.create_task(self._report_playback()))
-        pc.addTrack(self.microphone)
+        pc.addTrack(self.microphone.view())
         if self.camera is not None:
             pc.addTrack(self.camera)
 
@@ -161,7 +190,7 @@ class WebRtcClient(EventLog):
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             if pc.connectionState in ("failed", "closed"):
-                await self.mark_closed()
+                self._inbox.put_nowait(None)  # the last word (session.closing) is read first
 
         await pc.setLocalDescription(await pc.createOffer())
         body = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
@@ -171,12 +200,20 @@ class WebRtcClient(EventLog):
             async with http.post(f"{self.base_url}/offer", json=body, headers=headers) as resp:
                 if resp.status == 401:
                     raise access.Unauthorized
-                answer: dict[str, Any] = await resp.json()
+                try:
+                    answer = await resp.json(content_type=None)
+                except ValueError:  # not JSON: a balancer's own error page
+                    answer = None
+                if not isinstance(answer, dict):
+                    answer = {}
                 if resp.status != 200:
-                    raise ConnectionError(f"offer refused ({resp.status}): {answer}")
+                    raise refusal(resp.status, answer, resp.headers.get("Retry-After"))
                 return answer
         async with aiohttp.ClientSession() as http:
-            answer = await access.authorized(http, self.base_url, self.api_key, offer)
+            try:
+                answer = await access.authorized(http, self.base_url, self.api_key, offer)
+            except aiohttp.ClientError as e:
+                raise ConnectionError(f"POST /offer: {e or type(e).__name__}") from e
         self.session_id = answer["session_id"]
         await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
         await self.wait_for(lambda: self.ready is not None, timeout_s=30)
@@ -197,7 +234,10 @@ class WebRtcClient(EventLog):
 
     async def _read_events(self) -> None:
         async for raw in self._inbox:
-            await self.add_event(json.loads(raw))
+            if raw is None:
+                await self.mark_closed()
+            else:
+                await self.add_event(json.loads(raw))
 
     async def _record(self, track: MediaStreamTrack) -> None:
         """Reply audio as 48 kHz mono s16le; silence before a turn's first audio is skipped."""
@@ -231,7 +271,9 @@ class WebRtcClient(EventLog):
         self.send({"type": "interrupt"})
 
     def send(self, message: dict[str, Any]) -> None:
-        assert self._channel is not None
+        """Send on the events channel; ConnectionError when it is not open (or no longer)."""
+        if self._channel is None or self._channel.readyState != "open":
+            raise ConnectionError("the events channel is not open")
         self._channel.send(json.dumps(message))
 
     def say_text(self, text: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -12,24 +13,34 @@ import aiohttp
 import numpy as np
 
 from client import access
-from client.events import EventLog
+from client.events import EventLog, Refused, refusal
 from client.wavio import last_voiced_sample
 from streaming.audio import Float32Array, float_to_pcm16, resample
 
 FRAME_MS = 20
 PLAYBACK_EVERY_S = 0.2  # playback reports while a reply plays
+HEARTBEAT_S = 20  # a ping this often: a server or network gone silent ends the session
 
 
 class VoxlensClient(EventLog):
     """One WebSocket session. Events are collected as they arrive by a reader task. With
-    ``api_key`` it connects with a token minted for the connection (client/access.py)."""
+    ``api_key`` it connects with a token minted for the connection (client/access.py); with
+    ``session_start`` (the fields of a ``session.start``) it configures the session before
+    entering it.
+
+    Entering it waits for the session to be ready. A server that refuses the session raises
+    Refused (``busy``, ``draining`` …; also a 503 instead of the upgrade, from a node still
+    loading or a balancer with no node), one that refuses the credential AccessError, and
+    any other failure to connect a ConnectionError or TimeoutError."""
 
     def __init__(self, url: str, *, on_event: Callable[[dict[str, Any]], None] | None = None,
-                 report_playback: bool = True, api_key: str | None = None):
+                 report_playback: bool = True, api_key: str | None = None,
+                 session_start: dict[str, Any] | None = None):
         super().__init__(on_event)
         self.url = url
         self.api_key = api_key
         self.report_playback = report_playback
+        self.session_start = session_start
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -37,19 +48,45 @@ class VoxlensClient(EventLog):
     async def __aenter__(self) -> VoxlensClient:
         self._http = aiohttp.ClientSession()
         try:
-            self._ws = await access.ws_connect(self._http, self.url, self.api_key, max_msg_size=0)
+            await self._connect(self._http)
         except BaseException:
-            await self._http.close()
+            await self.__aexit__()
             raise
+        return self
+
+    async def _connect(self, http: aiohttp.ClientSession) -> None:
+        try:
+            self._ws = await access.ws_connect(http, self.url, self.api_key, max_msg_size=0,
+                                               heartbeat=HEARTBEAT_S)
+        except aiohttp.WSServerHandshakeError as e:  # answered without the upgrade
+            raise refusal(e.status, {}, e.headers.get("Retry-After") if e.headers else None) from e
+        except aiohttp.ClientError as e:
+            raise ConnectionError(str(e) or type(e).__name__) from e
         self._tasks.append(asyncio.create_task(self._read()))
         if self.report_playback:
             self._tasks.append(asyncio.create_task(self._report_playback()))
-        await self.wait_for(lambda: self.ready is not None, timeout_s=30)
-        return self
+        try:
+            await self.wait_for(lambda: self.ready is not None, timeout_s=30)
+        except ConnectionError:
+            self._raise_refusal()
+            raise
+        if self.session_start is not None:
+            before = len(self.errors)
+            await self.start(**self.session_start)
+            self._raise_refusal(before)
+
+    def _raise_refusal(self, before: int = 0) -> None:
+        """Raise the last error the server sent (after the first ``before``) as a Refused."""
+        if len(self.errors) > before:
+            e = self.errors[-1]
+            after = e.get("retry_after")
+            raise Refused(str(e.get("code")), str(e.get("message") or ""),
+                          float(after) if isinstance(after, int | float) else None)
 
     async def __aexit__(self, *exc: object) -> None:
         if self._ws is not None:
-            await self._ws.close()
+            with contextlib.suppress(aiohttp.ClientError, OSError):  # it may be gone already
+                await self._ws.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from streaming.errors import VoxlensError
+
+if TYPE_CHECKING:
+    from client.events import EventLog, TurnRecord
+    from streaming.audio import Float32Array
+
+S = TypeVar("S", bound="EventLog")
 
 _last_shown: dict[str, int] = {}
 
@@ -102,65 +110,140 @@ def cmd_talk(args: argparse.Namespace) -> int:
     import aiohttp
 
     from client.access import AccessError, api_key
-    from client.events import EventLog
-    from client.wavio import read_wav, write_wav
+    from client.events import GaveUp
 
-    def show(ev: dict[str, Any]) -> None:
-        if ev.get("type") == "reply.text":
-            return  # printed whole with reply.done
-        print(json.dumps(ev, ensure_ascii=False), flush=True)
-
-    async def converse(client: EventLog, speak: Any, say: Any) -> int:
-        if args.wav:
-            audio, rate = read_wav(args.wav)
-            await speak(audio, rate)
-        if args.text:
-            await say(args.text)
-        reply = await client.wait_reply(timeout_s=args.timeout)
-        if args.out:
-            write_wav(args.out, bytes(reply.audio), client.output_rate)
-            print(f"reply audio saved to {args.out}", file=sys.stderr)
-        return 1 if client.errors else 0
-
-    async def over_websocket() -> int:
-        from client.ws_client import VoxlensClient
-
-        async with VoxlensClient(args.url, on_event=show, api_key=key) as client:
-            if args.language or args.output_rate:
-                fields: dict[str, Any] = {"language": args.language}
-                if args.output_rate:
-                    fields["output_audio"] = {"sample_rate": args.output_rate}
-                await client.start(**fields)
-
-            async def speak(audio: Any, rate: int) -> None:
-                await client.stream_audio(audio, rate, realtime=not args.fast)
-            return await converse(client, speak, client.say)
-
-    async def over_webrtc() -> int:
-        from client.rtc_client import WebRtcClient, camera_track
-
-        base = args.url.replace("ws://", "http://").replace("wss://", "https://")
-        base = base.removesuffix("/ws")
-        camera = camera_track(args.image) if args.image else None
-        async with WebRtcClient(base, camera=camera, language=args.language,
-                                host_addresses=args.ice_host or None, on_event=show,
-                                api_key=key) as client:
-            async def say(text: str) -> None:
-                client.say_text(text)
-            return await converse(client, client.speak, say)
-
-    if not args.wav and not args.text:
-        print("error: give --wav FILE and/or --text TEXT", file=sys.stderr)
+    texts: list[str] = args.text or []
+    if not args.wav and not texts:
+        print("error: give --wav FILE and/or --text TEXT (--text - reads typed turns from "
+              "standard input)", file=sys.stderr)
         return 2
     key = api_key(args.api_key)
     try:
-        return asyncio.run(over_webrtc() if args.transport == "webrtc" else over_websocket())
-    except AccessError as e:  # the server wants a key, or refused the one given
+        return asyncio.run(_talk(args, key))
+    except (AccessError, GaveUp) as e:  # a refused key, or no session (any more)
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except TimeoutError:
+        print(f"error: no answer from {args.url} in {args.timeout:g} s", file=sys.stderr)
         return 1
     except (ConnectionError, aiohttp.ClientError) as e:
         print(f"error: could not talk to {args.url}: {e or type(e).__name__}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the session was closed on the way out
+        return 130
+
+
+Send = Callable[[S], Awaitable[None]]
+
+
+async def _talk(args: argparse.Namespace, key: str | None) -> int:
+    """`voxlens talk`: the turns (``--wav``, then each ``--text``; ``--text -``: each line of
+    standard input), each answered before the next, in one conversation that reconnects by
+    itself (client.events.Reconnecting): when the server restarts (``session.closing``) or the
+    connection drops, a new session is opened at the same URL with the same settings, and a
+    turn not answered yet is asked again there. Events are printed as JSON lines on stdout,
+    what the reconnection does as plain lines on stderr."""
+    from client.events import RETRY_LATER
+    from client.rtc_client import TrackView, WebRtcClient, camera_track
+    from client.ws_client import VoxlensClient
+
+    failed = False
+
+    def show(ev: dict[str, Any]) -> None:
+        nonlocal failed
+        if ev.get("type") == "error" and not (ev.get("fatal") and ev.get("code") in RETRY_LATER):
+            failed = True  # an error the reconnection does not take care of
+        if ev.get("type") == "reply.text":
+            return  # printed whole with reply.done
+        print(json.dumps(ev, ensure_ascii=False), flush=True)
+
+    if args.transport == "webrtc":
+        base = args.url.replace("ws://", "http://").replace("wss://", "https://")
+        base = base.removesuffix("/ws")
+        camera = camera_track(args.image) if args.image else None  # goes on across sessions
+
+        def webrtc_session() -> WebRtcClient:
+            return WebRtcClient(base, camera=TrackView(camera) if camera else None,
+                                language=args.language, host_addresses=args.ice_host or None,
+                                on_event=show, api_key=key)
+
+        async def speak_rtc(client: WebRtcClient, audio: Float32Array, rate: int) -> None:
+            await client.speak(audio, rate)
+
+        async def type_rtc(client: WebRtcClient, text: str) -> None:
+            client.say_text(text)
+        try:
+            await _converse(args, webrtc_session, speak_rtc, type_rtc)
+        finally:
+            if camera is not None:
+                camera.stop()
+    else:
+        start: dict[str, Any] | None = None
+        if args.language or args.output_rate:
+            start = {"language": args.language}
+            if args.output_rate:
+                start["output_audio"] = {"sample_rate": args.output_rate}
+
+        def ws_session() -> VoxlensClient:
+            return VoxlensClient(args.url, on_event=show, api_key=key, session_start=start)
+
+        async def speak_ws(client: VoxlensClient, audio: Float32Array, rate: int) -> None:
+            await client.stream_audio(audio, rate, realtime=not args.fast)
+
+        async def type_ws(client: VoxlensClient, text: str) -> None:
+            await client.say(text)
+        await _converse(args, ws_session, speak_ws, type_ws)
+    return 1 if failed else 0
+
+
+async def _converse(args: argparse.Namespace,
+                    open_session: Callable[[], contextlib.AbstractAsyncContextManager[S]],
+                    speak: Callable[[S, Float32Array, int], Awaitable[None]],
+                    say: Callable[[S, str], Awaitable[None]]) -> None:
+    """Ask each turn over sessions from ``open_session`` (kept connected); save the last
+    reply's audio with ``--out``."""
+    from client.events import Reconnecting, Retry, stdin_lines
+    from client.wavio import read_wav, write_wav
+
+    def note(words: str) -> None:
+        print(f"voxlens: {words}", file=sys.stderr, flush=True)
+
+    def retrying(retry: Retry) -> None:
+        note(retry.words())
+
+    def opened(session: S) -> None:
+        if keeper.sessions > 1:
+            note(f"reconnected to {args.url}")
+
+    def again(session: S) -> None:
+        note("the session ended before the answer: asking again in the next one")
+
+    def spoken(audio: Float32Array, rate: int) -> Send[S]:
+        return lambda session: speak(session, audio, rate)
+
+    def typed(text: str) -> Send[S]:
+        return lambda session: say(session, text)
+
+    async def turns() -> AsyncIterator[Send[S]]:
+        if args.wav:
+            yield spoken(*read_wav(args.wav))
+        for text in args.text or []:
+            if text != "-":
+                yield typed(text)
+                continue
+            async for line in stdin_lines():
+                yield typed(line)
+
+    keeper = Reconnecting(open_session, args.url, on_retry=retrying, on_session=opened)
+    answered: tuple[S, TurnRecord] | None = None
+    async with keeper:
+        async for send in turns():
+            async with asyncio.timeout(args.timeout):
+                answered = await keeper.ask(send, on_again=again)
+    if answered is not None and args.out:
+        session, reply = answered
+        write_wav(args.out, bytes(reply.audio), session.output_rate)
+        print(f"reply audio saved to {args.out}", file=sys.stderr)
 
 
 def cmd_desktop(args: argparse.Namespace) -> int:
@@ -170,7 +253,11 @@ def cmd_desktop(args: argparse.Namespace) -> int:
     camera: int | Path | None = None if args.no_camera else (args.camera_file or args.camera)
     options = DesktopOptions(url=args.url, language=args.language, camera=camera,
                              mic_file=args.mic_file, record=args.record,
-                             ice_hosts=args.ice_host or [], api_key=api_key(args.api_key))
+                             ice_hosts=args.ice_host or [], api_key=api_key(args.api_key),
+                             stdin=args.stdin)
+    if args.stdin and not args.headless:
+        print("error: --stdin goes with --headless (the window has a text box)", file=sys.stderr)
+        return 2
     return main(options, headless=args.headless)
 
 
@@ -251,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default="ws://127.0.0.1:8080/ws",
                    help="server address (ws://host:port/ws; for webrtc http://host:port works too)")
     p.add_argument("--wav", type=Path, help="16-bit WAV to stream as the microphone")
-    p.add_argument("--text", help="a typed turn")
+    p.add_argument("--text", action="append", help="a typed turn (repeatable: each is "
+                   "answered before the next); - : each line of standard input is one")
     p.add_argument("--out", type=Path, help="save the reply audio here (WAV)")
     p.add_argument("--language", help="spoken language, e.g. en (default: detect)")
     p.add_argument("--output-rate", type=int, help="reply audio sample rate")
@@ -260,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", type=Path, help="webrtc: an image or video file as the camera")
     p.add_argument("--ice-host", action="append", metavar="ADDR",
                    help="webrtc: offer ICE host candidates on this address only (repeatable)")
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--timeout", type=float, default=120.0, help="give up on a turn not "
+                   "answered in this many seconds (reconnecting included)")
     p.add_argument("--api-key", metavar="KEY", help="access key of a server that needs one "
                    "(default: env VOXLENS_API_KEY); a new token is minted with it for each "
                    "connection")
@@ -277,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--record", type=Path, help="save the reply audio here (WAV) instead of "
                    "playing it")
     p.add_argument("--headless", action="store_true", help="no window: print events as JSON lines")
+    p.add_argument("--stdin", action="store_true", help="with --headless: each line of "
+                   "standard input is a typed turn")
     p.add_argument("--ice-host", action="append", metavar="ADDR",
                    help="offer ICE host candidates on this address only (repeatable)")
     p.add_argument("--api-key", metavar="KEY", help="access key of a server that needs one "

@@ -40,12 +40,21 @@ class DesktopProcess:
 
     async def start(self, args: list[str], *, env: dict[str, str] | None = None,
                     log: Path) -> None:
+        """Start ``voxlens desktop ARGS``; with ``--stdin`` in them, ``type`` sends lines."""
         log.parent.mkdir(parents=True, exist_ok=True)
+        stdin = asyncio.subprocess.PIPE if "--stdin" in args else asyncio.subprocess.DEVNULL
         with log.open("wb") as err:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "server.cli", "desktop", *args, cwd=ROOT,
-                env={**os.environ, **(env or {})}, stdout=asyncio.subprocess.PIPE, stderr=err)
+                env={**os.environ, **(env or {})}, stdin=stdin, stdout=asyncio.subprocess.PIPE,
+                stderr=err)
         self._reader = asyncio.create_task(self._read())
+
+    async def type(self, text: str) -> None:
+        """A typed turn (``--stdin``)."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(text.encode() + b"\n")
+        await self.proc.stdin.drain()
 
     async def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
