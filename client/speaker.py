@@ -7,7 +7,8 @@ voice: the client declares it has none) or push-to-talk (Enter, or SIGUSR1 from 
 daemon). Reply audio goes through a jitter buffer (client/playback.py); every 200 ms while a
 reply plays the client reports how much of it its speaker has played, so barge-in knows what
 was heard; ``reply.interrupted`` drops the rest. It reconnects by itself, and over MQTT the
-server resumes the same conversation.
+server resumes the same conversation; when the node serving it drains (``session.closing``) or
+dies (``no_session``), it starts again by itself, and another node goes on with it.
 """
 
 from __future__ import annotations
@@ -246,6 +247,7 @@ class Speaker:
         self.session_id: str | None = None
         self._conn: Connection | None = None
         self._lost = asyncio.Event()  # the server forgot the session: start again
+        self._moving = False  # ... because its node is draining: at once, another node takes it
         self._reply: int | None = None  # the turn last announced by reply.started
         self._open: set[int] = set()  # turns transcribed and not yet answered
         self._speaking = False  # the server heard speech start and not stop yet
@@ -347,9 +349,11 @@ class Speaker:
                     await conn.send(self._start_message())
                     continue
             await self._lost.wait()
-            await asyncio.sleep(START_RETRY_S)  # e.g. busy: do not hammer the server
+            if not self._moving:
+                await asyncio.sleep(START_RETRY_S)  # e.g. busy: do not hammer the server
             self.ready.clear()
             self._lost.clear()
+            self._moving = False
             await conn.send(self._start_message())
 
     def _on_event(self, ev: dict[str, Any]) -> None:
@@ -378,6 +382,13 @@ class Speaker:
                 if ev.get("code") in SESSION_LOST or ev.get("fatal"):
                     self.ready.clear()
                     self._lost.set()
+            case "session.closing":  # the node drains: over MQTT another one takes us over
+                self._open.clear()
+                self._speaking = False
+                self.ready.clear()
+                if self.link.resend_start and ev.get("reconnect", True):
+                    self._moving = True
+                    self._lost.set()
         self._show(ev)
 
     def _show(self, ev: dict[str, Any]) -> None:
@@ -398,6 +409,8 @@ class Speaker:
                 _line(self.out, f"assistant (interrupted): {ev.get('heard_text')}")
             case "error":
                 _note(f"error {ev.get('code')}: {ev.get('message')}")
+            case "session.closing":
+                _note(f"session closing ({ev.get('reason')}): starting again")
 
     # ---- audio -----------------------------------------------------------------------
 

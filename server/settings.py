@@ -5,6 +5,7 @@ Example: ``VOXLENS_ASR__MODEL=tiny.en`` or, in TOML, ``[asr] model = "tiny.en"``
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -18,8 +19,26 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from pipelines.session import DEFAULT_SYSTEM_PROMPT
+from pipelines.bargein import BargeInConfig
+from pipelines.listener import EndpointConfig, ListenerConfig
+from pipelines.segmenter import SegmenterConfig
+from pipelines.session import SessionConfig
+from pipelines.tools import ToolsConfig
+from pipelines.turn import TurnConfig
+from pipelines.vision import VisionConfig
 from streaming.mqtt import check_prefix
+from streaming.mqtt_fleet import check_share_group, valid_node_id
+
+
+def default(config: type, name: str) -> Any:
+    """The default of a field of one of the pipelines' config dataclasses: each default is
+    written once, there, and the setting that feeds the field takes it from there."""
+    for f in dataclasses.fields(config):
+        if f.name == name:
+            if f.default is dataclasses.MISSING:
+                raise TypeError(f"{config.__name__}.{name} has no plain default")
+            return f.default
+    raise AttributeError(f"{config.__name__} has no field {name!r}")
 
 
 class _Section(BaseModel):
@@ -129,37 +148,46 @@ class ModelSettings(_Section):
 
 
 class VadSettings(_Section):
-    threshold: float = Field(0.5, gt=0, lt=1)
-    neg_threshold: float = Field(0.35, gt=0, lt=1)
-    min_speech_ms: int = Field(250, ge=32)
-    silence_ms: int = Field(500, ge=64, description="silence that ends an utterance")
-    pad_ms: int = Field(200, ge=0)
-    max_utterance_ms: int = Field(30_000, ge=1000, le=30_000)
+    threshold: float = Field(default(SegmenterConfig, "threshold"), gt=0, lt=1)
+    neg_threshold: float = Field(default(SegmenterConfig, "neg_threshold"), gt=0, lt=1)
+    min_speech_ms: int = Field(default(SegmenterConfig, "min_speech_ms"), ge=32)
+    silence_ms: int = Field(default(SegmenterConfig, "silence_ms"), ge=64,
+                            description="silence that ends an utterance")
+    pad_ms: int = Field(default(SegmenterConfig, "pad_ms"), ge=0)
+    max_utterance_ms: int = Field(default(SegmenterConfig, "max_utterance_ms"), ge=1000, le=30_000)
     threads: int = Field(1, ge=1)
-    adaptive_endpoint: bool = Field(True, description="end sooner after a complete question, "
+    adaptive_endpoint: bool = Field(default(EndpointConfig, "adaptive"),
+                                    description="end sooner after a complete question, "
                                     "later when the transcript trails off")
-    question_silence_ms: int = Field(350, ge=64)
-    incomplete_silence_ms: int = Field(1100, ge=64)
+    question_silence_ms: int = Field(default(EndpointConfig, "question_ms"), ge=64)
+    incomplete_silence_ms: int = Field(default(EndpointConfig, "incomplete_ms"), ge=64)
     turn_model: Literal["smart-turn", "none"] = Field(
         "none", description="end-of-turn model asked at each pause: a turn that sounds "
         "finished ends after complete_silence_ms")
-    turn_threshold: float = Field(0.5, gt=0, lt=1, description="smart-turn probability that "
+    turn_threshold: float = Field(default(EndpointConfig, "turn_threshold"), gt=0, lt=1,
+                                  description="smart-turn probability that "
                                   "the turn is finished")
-    complete_silence_ms: int = Field(200, ge=64, description="endpoint silence after a turn "
+    complete_silence_ms: int = Field(default(EndpointConfig, "complete_ms"), ge=64,
+                                     description="endpoint silence after a turn "
                                      "the end-of-turn model finds finished (unless its words "
                                      "trail off)")
 
 
 class BargeInSettings(_Section):
-    enabled: bool = True
-    voice_ms: int = Field(96, ge=32, description="voiced input that pauses a playing reply")
-    min_words: int = Field(1, ge=1, description="recognised words (not backchannels, not echo) "
+    enabled: bool = default(BargeInConfig, "enabled")
+    voice_ms: int = Field(default(SegmenterConfig, "voice_ms"), ge=32,
+                          description="voiced input that pauses a playing reply")
+    min_words: int = Field(default(BargeInConfig, "min_words"), ge=1,
+                           description="recognised words (not backchannels, not echo) "
                            "that interrupt the reply")
-    interrupt_after_ms: int = Field(1200, ge=100, description="speech this long interrupts "
+    interrupt_after_ms: int = Field(default(BargeInConfig, "interrupt_after_ms"), ge=100,
+                                    description="speech this long interrupts "
                                     "without waiting for words")
-    echo_overlap: float = Field(0.7, gt=0, le=1, description="share of an utterance's words "
+    echo_overlap: float = Field(default(BargeInConfig, "echo_overlap"), gt=0, le=1,
+                                description="share of an utterance's words "
                                 "found in the reply that makes it echo")
-    voice_beyond_echo_ms: int = Field(50, ge=10, description="how long a sound over the reply "
+    voice_beyond_echo_ms: int = Field(default(BargeInConfig, "voice_beyond_echo_ms"), ge=10,
+                                      description="how long a sound over the reply "
                                       "(and 4 % of it) must be louder than the reply's echo can "
                                       "be to cut it, "
                                       "whatever its words (server-side echo cancellation only)")
@@ -202,8 +230,8 @@ class AsrSettings(_Section):
     beam_size: int = Field(1, ge=1)
     min_window_s: int = Field(10, ge=1, le=30, description="shortest encoder window; 30 = "
                               "stock Whisper (slower, see bench/README.md)")
-    partial_interval_ms: int = Field(700, ge=100)
-    speculative_final: bool = True
+    partial_interval_ms: int = Field(default(ListenerConfig, "partial_interval_ms"), ge=100)
+    speculative_final: bool = default(ListenerConfig, "speculative_final")
 
     @property
     def whisper(self) -> str:
@@ -220,9 +248,9 @@ class LlmSettings(_Section):
     n_ctx: int = Field(2048, ge=256)
     threads: int = Field(2, ge=1)
     temperature: float = Field(0.3, ge=0, le=2)
-    max_tokens: int = Field(160, ge=1)
-    history_tokens: int = Field(1024, ge=64)
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_tokens: int = Field(default(TurnConfig, "max_tokens"), ge=1)
+    history_tokens: int = Field(default(SessionConfig, "history_tokens"), ge=64)
+    system_prompt: str = default(SessionConfig, "system_prompt")
 
 
 class TtsSettings(_Section):
@@ -240,8 +268,10 @@ class TtsSettings(_Section):
     timeout_s: float = Field(10.0, gt=0, description="engine=openai: longest wait for one "
                              "chunk's audio; then the reply gets an 'engine_failed' error")
     threads: int = Field(2, ge=1)
-    output_rate: int = Field(24_000, description="default reply audio rate")
-    first_chunk_words: int = Field(4, ge=1, le=20, description="words the reply's first chunk "
+    output_rate: int = Field(default(SessionConfig, "output_rate"),
+                             description="default reply audio rate")
+    first_chunk_words: int = Field(default(TurnConfig, "first_chunk_words"), ge=1, le=20,
+                                   description="words the reply's first chunk "
                                    "is cut after (sooner at a clause mark): fewer start speech "
                                    "sooner, more sound smoother")
 
@@ -255,12 +285,16 @@ class VisionSettings(_Section):
     api_key: str | None = None
     device: str = Field("cpu", description="engine=transformers: cpu or cuda")
     trust_remote_code: bool = Field(False, description="engine=transformers (Florence-2 …)")
-    interval_s: float = Field(5.0, gt=0, description="look again after this when the scene "
+    interval_s: float = Field(default(VisionConfig, "interval_s"), gt=0,
+                              description="look again after this when the scene "
                               "drifted a little")
-    change_threshold: float = Field(0.12, gt=0, lt=1, description="a change this big is "
+    change_threshold: float = Field(default(VisionConfig, "change_threshold"), gt=0, lt=1,
+                                    description="a change this big is "
                                     "looked at at once (32×32 grey thumbnails)")
-    memory: int = Field(8, ge=1, description="observations kept per session")
-    in_prompt: int = Field(2, ge=1, description="recent observations the LLM sees")
+    memory: int = Field(default(VisionConfig, "memory"), ge=1,
+                        description="observations kept per session")
+    in_prompt: int = Field(default(VisionConfig, "in_prompt"), ge=1,
+                           description="recent observations the LLM sees")
     threads: int = Field(1, ge=1, description="torch threads for the vision model")
 
 
@@ -268,8 +302,10 @@ class ToolsSettings(_Section):
     mcp_servers: list[str] = Field(default_factory=list, description="MCP servers whose tools "
                                    "the assistant may use: stdio command lines or http(s) URLs "
                                    "(streamable HTTP)")
-    timeout_s: float = Field(10.0, gt=0, description="longest a server tool may run")
-    filler_after_s: float | None = Field(1.0, gt=0, description="say a short filler ('Let me "
+    timeout_s: float = Field(default(ToolsConfig, "timeout_s"), gt=0,
+                             description="longest a server tool may run")
+    filler_after_s: float | None = Field(default(ToolsConfig, "filler_after_s"), gt=0,
+                                         description="say a short filler ('Let me "
                                          "check') when a server tool runs longer; null: never")
 
 
@@ -323,6 +359,29 @@ class MqttSettings(_Section):
                                   "either way for this long is closed")
     reconnect_max_s: float = Field(30.0, ge=0.5, description="longest wait between attempts "
                                    "to reach the broker (exponential backoff)")
+    share_group: str | None = Field(None, description="several nodes on one broker: the same "
+                                    "MQTT 5 shared-subscription group on each node of the "
+                                    "prefix, every device served by one of them; unset: this "
+                                    "node serves every device of the prefix alone")
+    node_id: str | None = Field(None, description="with share_group: this node's name among "
+                                "them (letters, digits, _ . : @ -); default: the client id")
+    history_on_broker: bool = Field(True, description="with share_group: keep each device's "
+                                    "conversation (its transcripts) retained on the broker, on "
+                                    "topics only nodes may read, so that the node taking a "
+                                    "device over goes on with it")
+
+    @field_validator("share_group")
+    @classmethod
+    def _check_share_group(cls, group: str | None) -> str | None:
+        return None if group is None else check_share_group(group)
+
+    @field_validator("node_id")
+    @classmethod
+    def _check_node_id(cls, node_id: str | None) -> str | None:
+        if node_id is not None and not valid_node_id(node_id):
+            raise ValueError(f"invalid MQTT node id {node_id!r}: 1–64 letters, digits and "
+                             "_ . : @ -, not starting with a separator")
+        return node_id
 
     @field_validator("url")
     @classmethod

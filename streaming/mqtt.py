@@ -1,5 +1,6 @@
 """The MQTT wire format (docs/PROTOCOL.md, "MQTT"): topics, device ids, the optional audio frame
 header and the reorder buffer for sequence-numbered audio. Pure logic: no broker, no loop.
+(Several nodes on one broker: streaming/mqtt_fleet.py.)
 
 Topics, per device: ``<prefix>/<device_id>/control`` and ``…/audio/in`` (device → server),
 ``…/events`` and ``…/audio/out`` (server → device).

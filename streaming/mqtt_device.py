@@ -4,7 +4,9 @@ The server's bridge (server/mqtt.py) owns the one broker connection. It hands ea
 messages to that device's ``DeviceAdapter`` without waiting (``offer``: a bounded inbox per
 device), and the adapter publishes through a ``send`` callback that never waits either. So a
 slow, flooding or broken device only ever hurts itself. The session outlives the device's
-connection: a repeated ``session.start`` with the same audio format resumes it.
+connection: a repeated ``session.start`` with the same audio format resumes it. With several
+nodes on one broker, a device's conversation can come from the node that served it before
+(``restore``), and the adapter can leave silently when another node takes the device over.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from streaming.channels import ChannelClosed
 from streaming.errors import ProtocolError, VoxlensError
@@ -52,6 +54,8 @@ from streaming.ratelimit import TokenBucket
 log = logging.getLogger(__name__)
 
 Send = Callable[[Kind, bytes, int], None]  # (topic kind, payload, QoS); must not wait
+Restore = Callable[[], bool]  # puts a carried conversation into a new session; True if it did
+Outcome = Literal["ended", "expired"]  # the device ended its session, or it went quiet
 
 CHUNK_MS = 40  # reply audio message length
 LEAD_MS = 200  # reply audio sent ahead of real time (the device's jitter buffer feeds on it)
@@ -119,9 +123,14 @@ class ErrorBudget:
 
 
 class DeviceAdapter:
+    """One device's session on this node: its inbox, reorder buffer, error budget and reply
+    audio. ``restore`` (several nodes) is called once, at the first ``session.start`` that
+    starts the session, to put the conversation the device had on another node into it."""
+
     def __init__(self, device_id: str, session: SessionPort, send: Send, *,
                  lead_ms: int = LEAD_MS, client_buffer_ms: int = 100,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 restore: Restore | None = None) -> None:
         self.device_id = device_id
         self.session = session
         self.lead_ms = lead_ms
@@ -135,7 +144,9 @@ class DeviceAdapter:
         self._in_order: Reorderer[bytes] | None = None  # when the device numbers its audio
         self._out_seq: int | None = None  # next audio/out sequence number, when asked for
         self.ended = False  # session.end received or the session is gone: offer() refuses
+        self.outcome: Outcome | None = None  # how the conversation ended, when it did for good
         self.last_active = clock()
+        self._restore = restore
 
     # ---- the bridge's side ----------------------------------------------------------
 
@@ -149,6 +160,14 @@ class DeviceAdapter:
         self._emit(Error("expired", f"the session was closed after {idle_s:g} s without "
                          "traffic; send session.start to begin a new one", True))
         self.ended = True
+        self.outcome = "expired"
+        self.session.close()
+
+    def leave(self) -> None:
+        """Another node serves the device now: end the session here and send it nothing more."""
+        self._send = _nowhere
+        self.ended = True
+        self._inbox.close()
         self.session.close()
 
     async def run(self) -> None:
@@ -179,6 +198,7 @@ class DeviceAdapter:
             try:
                 if kind == CONTROL:
                     if not await self._on_control(payload):
+                        self.outcome = "ended"
                         return
                 else:
                     await self._on_audio(payload)
@@ -241,6 +261,9 @@ class DeviceAdapter:
         """Configure the session, or resume it: a device that reconnects repeats its
         ``session.start``, and the same audio format continues the conversation."""
         resumed = self.audio.start(m, resumable=True)
+        if self._restore is not None and not resumed:
+            resumed = self._restore()  # the conversation goes on from where another node left it
+        self._restore = None
         self._in_order = Reorderer(REORDER_WINDOW) if m.audio.sequence else None
         self._out_seq = 0 if m.output_audio.sequence else None
         ready_json = event_to_json(self.session.ready_event())
@@ -272,3 +295,7 @@ class DeviceAdapter:
             chunk = pack_frame(self._out_seq, chunk)
             self._out_seq = (self._out_seq + 1) % SEQ_MOD
         self._send(AUDIO_OUT, chunk, QOS[AUDIO_OUT])
+
+
+def _nowhere(kind: Kind, payload: bytes, qos: int) -> None:
+    """The send of an adapter whose device another node serves now."""

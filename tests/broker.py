@@ -1,5 +1,6 @@
 """A real mosquitto broker for the tests: a free 127.0.0.1 port, per-device passwords and the
-ACLs of docs/mosquitto.acl (a device may only use its own topics)."""
+ACLs of docs/mosquitto.acl (a device may only use its own topics; the nodes alone read their
+``$cluster`` records)."""
 
 from __future__ import annotations
 
@@ -24,13 +25,21 @@ def mosquitto_binary(name: str) -> str:
 
 class Broker:
     def __init__(self, root: Path, port: int, prefixes: list[str], *,
-                 tls: tuple[Path, Path, int] | None = None) -> None:
-        """``tls``: (certificate, key, port) of an extra TLS listener on 127.0.0.1."""
+                 tls: tuple[Path, Path, int] | None = None, nodes: int = 1,
+                 devices: list[str] | None = None) -> None:
+        """``tls``: (certificate, key, port) of an extra TLS listener on 127.0.0.1; ``nodes``:
+        server users per prefix (several nodes sharing it); ``devices``: the device users."""
         self.root, self.port, self.prefixes, self.tls = root, port, prefixes, tls
-        # a server per prefix, each its own user (the client id is the username)
+        # a server per prefix, each its own user (the client id is the username) ...
         self.server_users = {p: SERVER_USER if k == 0 else f"{SERVER_USER}-{k + 1}"
                              for k, p in enumerate(prefixes)}
-        self.passwords = {user: f"pw-{user}" for user in [*self.server_users.values(), *DEVICES]}
+        # ... and for several nodes on a prefix, one user per node
+        self.node_users = {p: [user, *(f"{user}-node{n}" for n in range(2, nodes + 1))]
+                           for p, user in self.server_users.items()}
+        self.devices = DEVICES if devices is None else devices
+        self.passwords = {user: f"pw-{user}" for user in
+                          [*(u for users in self.node_users.values() for u in users),
+                           *self.devices]}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = root / "mosquitto.log"
         self.config = root / "mosquitto.conf"
@@ -44,12 +53,18 @@ class Broker:
         for k, (user, password) in enumerate(self.passwords.items()):
             subprocess.run([tool, "-b", *(["-c"] if k == 0 else []), str(passwd), user, password],
                            check=True, capture_output=True)
-        # the documented ACLs, once per prefix: what the docs show is what is tested
+        # the documented ACLs, once per prefix, the server's lines once per node user: what the
+        # docs show is what is tested
         lines = [line for line in DOC_ACL.read_text().splitlines()
                  if line.strip() and not line.startswith("#")]
-        acl = [line.replace(" voxlens/", f" {p}/").replace(f"user {SERVER_USER}",
-                                                           f"user {self.server_users[p]}")
-               for p in self.prefixes for line in lines]
+        server = lines[lines.index(f"user {SERVER_USER}") + 1:]
+        server = server[:next(k for k, line in enumerate(server) if not line.startswith("topic "))]
+        patterns = [line for line in lines if line.startswith("pattern ")]
+        acl = [line.replace(" voxlens/", f" {p}/")
+               for p in self.prefixes
+               for user in self.node_users[p]
+               for line in [f"user {user}", *server]]
+        acl += [line.replace(" voxlens/", f" {p}/") for p in self.prefixes for line in patterns]
         (self.root / "acl").write_text("\n".join(acl) + "\n")
         self.config.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous false\n"

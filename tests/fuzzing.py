@@ -1009,7 +1009,7 @@ class Mqtt:
 
     async def drain(self) -> None:
         while True:
-            name, payload, _ = await self.bridge.outbox.get()
+            name, payload, _, _ = await self.bridge.outbox.get()  # (topic, payload, qos, retain)
             self.published.setdefault(name, []).append(payload)
 
     async def good_turn(self) -> None:

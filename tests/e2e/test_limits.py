@@ -340,7 +340,7 @@ async def test_concurrent_vision_asks_beyond_the_cap_are_refused_for_that_client
         app.vlm.release.set()
         assert [(await t).status for t in held] == [200, 200]
         assert (await app.ask(KEY_A)).status == 200  # its places came free
-        assert app.state.limits._asks == {}
+        assert app.state.limits._running["vision"] == {}
 
 
 @pytest.mark.parametrize(("limit", "code"), [("sessions_per_client", "busy"),

@@ -44,8 +44,8 @@ async def published(b: MqttBridge) -> list[tuple[str, dict[str, Any]]]:
     """(topic, event) of everything in the outbox, emptying it."""
     out = []
     while len(b.outbox):
-        name, payload, qos = await b.outbox.get()
-        assert qos == 1 and name.endswith("/events")
+        name, payload, qos, retain = await b.outbox.get()
+        assert qos == 1 and name.endswith("/events") and not retain
         out.append((name, json.loads(payload)))
     return out
 

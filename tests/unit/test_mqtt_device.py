@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -105,10 +105,11 @@ class Wire:
 
 
 @contextlib.asynccontextmanager
-async def device() -> AsyncIterator[tuple[DeviceAdapter, ScriptedSession, Wire]]:
+async def device(restore: Callable[[], bool] | None = None,
+                 ) -> AsyncIterator[tuple[DeviceAdapter, ScriptedSession, Wire]]:
     loop = asyncio.get_running_loop()
     session, wire = ScriptedSession(), Wire()
-    adapter = DeviceAdapter("kitchen", session, wire, clock=loop.time)
+    adapter = DeviceAdapter("kitchen", session, wire, clock=loop.time, restore=restore)
     task = asyncio.create_task(adapter.run())
     try:
         yield adapter, session, wire
@@ -214,17 +215,52 @@ async def test_session_end_expiry_and_a_dying_session_end_the_adapter() -> None:
     async with device() as (adapter, session, _):
         adapter.offer("control", b'{"type": "session.end"}')
         await settle()
-        assert session.closed and adapter.ended
+        assert session.closed and adapter.ended and adapter.outcome == "ended"
         assert not adapter.offer("audio/in", bytes(640))
     async with device() as (adapter, session, wire):
         adapter.expire(300)
         await settle()
         assert session.closed and wire.events()[-1]["code"] == "expired"
-        assert wire.events()[-1]["fatal"] is True
+        assert wire.events()[-1]["fatal"] is True and adapter.outcome == "expired"
     async with device() as (adapter, session, _):
-        session.events.close()  # the session ended on its own
+        session.events.close()  # the session ended on its own: the conversation may go on
         await settle()
-        assert adapter.ended
+        assert adapter.ended and adapter.outcome is None
+
+
+async def test_a_conversation_carried_from_another_node_is_restored_once() -> None:
+    restored: list[str] = []
+
+    def restore() -> bool:  # as Session.add_message does, it starts the conversation
+        restored.append(session.session_id)
+        session.started = True
+        return True
+
+    async with device(restore) as (adapter, session, wire):
+        adapter.offer("control", b'{"type": "session.start", "audio": {"sample_rate": 7000}}')
+        adapter.offer("control", START)
+        adapter.offer("control", START)  # a repeat resumes, and restores nothing again
+        await settle()
+        assert wire.errors() == ["unsupported"]  # a refused start restores nothing
+        assert [e["resumed"] for e in wire.events() if e["type"] == "session.ready"] == [
+            True, True]
+        assert restored == ["s1"]
+    async with device(lambda: False) as (adapter, _, wire):  # nothing was carried
+        adapter.offer("control", START)
+        await settle()
+        assert wire.events()[-1]["resumed"] is False
+
+
+async def test_a_device_another_node_took_over_hears_nothing_more_from_here() -> None:
+    async with device() as (adapter, session, wire):
+        adapter.offer("control", START)
+        await settle()
+        sent = len(wire.sent)
+        adapter.leave()
+        adapter.expire(300)  # anything it would still say goes nowhere
+        await settle()
+        assert session.closed and adapter.ended and len(wire.sent) == sent
+        assert not adapter.offer("control", START)
 
 
 async def test_last_active_follows_traffic_both_ways() -> None:

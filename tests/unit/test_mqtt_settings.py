@@ -55,3 +55,15 @@ def test_bad_mqtt_settings_are_refused(monkeypatch: pytest.MonkeyPatch, env: str
     monkeypatch.setenv(env, value)
     with pytest.raises(ValidationError, match=fragment):
         load_settings()
+
+
+def test_several_nodes_settings_are_checked() -> None:
+    settings = load_settings(mqtt={"url": "mqtt://127.0.0.1", "share_group": "g1",
+                                   "node_id": "kitchen-node.1"})
+    assert (settings.mqtt.share_group, settings.mqtt.node_id) == ("g1", "kitchen-node.1")
+    assert settings.mqtt.history_on_broker is True
+    assert load_settings().mqtt.share_group is None  # one node, as before
+    for bad in ({"share_group": "a/b"}, {"share_group": ""}, {"node_id": "$n"},
+                {"node_id": "a b"}):
+        with pytest.raises(ValueError, match=r"share group|node id"):
+            load_settings(mqtt={"url": "mqtt://127.0.0.1", **bad})

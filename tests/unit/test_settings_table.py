@@ -1,15 +1,19 @@
-"""The README's settings table is checked against the settings model: every setting has a
-row, and the default the row states is the model's (issue 12, point 5: a default is
-written once, in server/settings.py; the table may not drift from it)."""
+"""Each default is written once (issue 12, point 5): in the pipelines' config dataclasses,
+which the settings model takes its defaults from; the README's settings table is checked
+against the model: every setting has a row, and the row states the model's default."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydantic import BaseModel, SecretStr
 
+from pipelines.session import SessionConfig
+from server.engines import session_config
 from server.settings import Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -17,6 +21,14 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 # cell: the row describes them in words
 DESCRIBED = {"auth.state_dir", "models.cache_dir", "mqtt.client_id", "llm.system_prompt"}
 NONE = {"none", "–", "-"}
+
+
+@pytest.fixture(autouse=True)
+def no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The defaults alone: no VOXLENS_* variable of the machine running the tests."""
+    for key in list(os.environ):
+        if key.startswith("VOXLENS_"):
+            monkeypatch.delenv(key)
 
 
 def table() -> dict[str, str]:
@@ -85,3 +97,9 @@ def test_the_table_names_no_setting_that_does_not_exist() -> None:
     stray = [name for name in table() if "." in name and name.split(".")[0] in sections
              and name not in known]
     assert stray == []
+
+
+def test_the_default_settings_make_the_default_session_config() -> None:
+    """Settings take their defaults from the pipelines' config dataclasses; what the default
+    settings build (server/engines.session_config) is then exactly the default config."""
+    assert session_config(Settings()) == SessionConfig()
