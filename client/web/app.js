@@ -311,6 +311,9 @@ function send(message) {
 function onEvent(ev) {
   switch (ev.type) {
     case "session.ready":
+      // turn ids start again in each session: an earlier session's reply lines stay in the
+      // log but give up their ids, so this session's events update only its own lines
+      for (const li of document.querySelectorAll("#log li[id^='reply-']")) li.removeAttribute("id");
       vx.sessionId = ev.session_id;
       $("models").textContent = Object.values(ev.models || {}).join(" · ");
       setState("listening", "listening");
