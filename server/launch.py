@@ -25,10 +25,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @dataclass
-class ServerProcess:
+class Loopback:
+    """Something serving voxlens's HTTP and WebSocket on a loopback port."""
+
     port: int
-    proc: subprocess.Popen[bytes]
-    log: Path
 
     @property
     def http(self) -> str:
@@ -37,6 +37,12 @@ class ServerProcess:
     @property
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
+
+
+@dataclass
+class ServerProcess(Loopback):
+    proc: subprocess.Popen[bytes]
+    log: Path
 
     def stop(self) -> None:
         """Stop at once (SIGINT; SIGTERM would drain: wait for the sessions to end)."""
@@ -111,21 +117,12 @@ def haproxy_binary() -> str:
 
 
 @dataclass
-class Balancer:
+class Balancer(Loopback):
     """One HAProxy process running deploy/haproxy.cfg on free loopback ports; owns the process."""
 
-    port: int
     stats_port: int
     proc: subprocess.Popen[bytes]
     log: Path
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
 
     def status(self) -> dict[str, str]:
         """HAProxy's view of each node (UP, DOWN …) by server name, from its stats page."""

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from openai import AsyncOpenAI, BadRequestError
 
+from pipelines.engines.openai_audio import wav_bytes
 from server.launch import ServerProcess
 from streaming.audio import pcm16_to_float
 from tests.mandarin import cer
@@ -27,13 +28,7 @@ def api(server: ServerProcess) -> AsyncOpenAI:
 
 
 def wav(pcm: bytes, rate: int) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm)
-    return out.getvalue()
+    return wav_bytes(pcm16_to_float(pcm), rate)
 
 
 def post(server: ServerProcess, path: str, body: bytes,
