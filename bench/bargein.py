@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.bargein [--trials 20]
 
 Starts a server (default settings, embedded models) and talks to it over WebSocket through a
-simulated room (client/acoustics.py): the reply plays from a loudspeaker as it arrives and the
+simulated room (client/common/acoustics.py): the reply plays from a loudspeaker as it arrives and the
 microphone streams continuously. By default the room is a speaker without headphones (the
 reply comes back 80 ms later at -6 dB with reflections; the client declares no echo
 cancellation, so the server's runs); ``--headphones`` makes it quiet. Each trial asks a typed
@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from client.acoustics import EchoRoom, live_microphone
-from client.events import TurnRecord
-from client.ws_client import VoxlensClient
+from client.common.acoustics import EchoRoom, live_microphone
+from client.common.eventlog import TurnRecord
+from client.common.ws_client import VoxlensClient
 from server.launch import spawn_server
 from streaming.audio import Float32Array, resample
 

@@ -41,8 +41,8 @@ import aiohttp
 import numpy as np
 
 from bench.latency import QUESTIONS, pct
-from client.wavio import last_voiced_sample
-from client.ws_client import VoxlensClient
+from client.common.wavio import last_voiced_sample
+from client.common.ws_client import VoxlensClient
 from server.launch import Fleet, ServerProcess, spawn_fleet, spawn_server
 from streaming.audio import Float32Array, float_to_pcm16, resample
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.echo
 
-A piper reply is played through the simulated room of client/acoustics.py (a few
+A piper reply is played through the simulated room of client/common/acoustics.py (a few
 reflections, room noise -50 dBFS) at several delays and levels and fed, with the reply
 as the reference, through streaming.echo.EchoCanceller exactly as a session would
 (10 ms steps; here the reference arrives 200 ms ahead, as over WebSocket). Prints the
@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from client.acoustics import heard_in_room
+from client.common.acoustics import heard_in_room
 from pipelines.bargein import BargeInConfig
 from pipelines.engines.vad_silero import SileroVad
 from pipelines.models import silero_vad_path

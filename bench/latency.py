@@ -112,7 +112,7 @@ Result = tuple[float, dict[str, float], str]  # voice-to-voice ms, server stages
 
 async def measure(url: str, audio, rate: int) -> Result:  # type: ignore[no-untyped-def]
     """Over WebSocket (voxlens or a naive endpoint)."""
-    from client.ws_client import VoxlensClient
+    from client.common.ws_client import VoxlensClient
 
     async with VoxlensClient(url) as client:
         voiced_at = await client.stream_audio(audio, rate, trailing_silence_ms=1500)
@@ -124,7 +124,7 @@ async def measure(url: str, audio, rate: int) -> Result:  # type: ignore[no-unty
 async def measure_webrtc(url: str, audio, rate: int) -> Result:  # type: ignore[no-untyped-def]
     """Over WebRTC: from the microphone frame that ends the voice to the first audible reply
     frame decoded at the client (Opus both ways, the client's jitter buffer included)."""
-    from client.rtc_client import WebRtcClient
+    from client.common.rtc_client import WebRtcClient
 
     base = url.replace("ws://", "http://")
     async with WebRtcClient(base, host_addresses=["127.0.0.1"]) as client:
@@ -145,7 +145,7 @@ async def measure_realtime(url: str, audio, rate: int) -> Result:  # type: ignor
     import numpy as np
     from openai import AsyncOpenAI
 
-    from client.wavio import last_voiced_sample
+    from client.common.wavio import last_voiced_sample
     from streaming.audio import float_to_pcm16, resample
 
     x = resample(audio, rate, 24_000)

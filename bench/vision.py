@@ -24,7 +24,7 @@ import numpy as np
 from skimage import data as photos
 
 from bench.latency import QUESTIONS, pct
-from client.ws_client import VoxlensClient
+from client.common.ws_client import VoxlensClient
 from pipelines import models
 from pipelines.compute import Compute
 from pipelines.engines.vlm_scene import SceneVlm

@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from client.wavio import read_wav
+from client.common.wavio import read_wav
 from pipelines import models
 from pipelines.compute import Compute, Priority
 from pipelines.engines.asr_whisper import WhisperAsr

@@ -1,1 +1,4 @@
-"""Clients: the web page (web/), and a Python client library the apps and tests share."""
+"""Clients, a package per app: ``web/`` (the page: static files), ``speaker/`` (``voxlens
+speaker``), ``desktop/`` (``voxlens desktop``), and ``common/``, the client library they, the
+``voxlens talk`` command, the tests and the benchmarks share. Clients import ``streaming`` (the
+wire protocol) and nothing server-side."""

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from streaming.errors import VoxlensError
 
 if TYPE_CHECKING:
-    from client.events import EventLog, TurnRecord
+    from client.common.eventlog import EventLog, TurnRecord
+    from client.common.events import JsonEvent
     from streaming.audio import Float32Array
 
 S = TypeVar("S", bound="EventLog")
@@ -109,8 +110,8 @@ def _exit_gracefully() -> None:
 def cmd_talk(args: argparse.Namespace) -> int:
     import aiohttp
 
-    from client.access import AccessError, api_key
-    from client.events import GaveUp
+    from client.common.access import AccessError, api_key
+    from client.common.reconnect import GaveUp
 
     texts: list[str] = args.text or []
     if not args.wav and not texts:
@@ -139,22 +140,24 @@ Send = Callable[[S], Awaitable[None]]
 async def _talk(args: argparse.Namespace, key: str | None) -> int:
     """`voxlens talk`: the turns (``--wav``, then each ``--text``; ``--text -``: each line of
     standard input), each answered before the next, in one conversation that reconnects by
-    itself (client.events.Reconnecting): when the server restarts (``session.closing``) or the
-    connection drops, a new session is opened at the same URL with the same settings, and a
-    turn not answered yet is asked again there. Events are printed as JSON lines on stdout,
-    what the reconnection does as plain lines on stderr."""
-    from client.events import RETRY_LATER
-    from client.rtc_client import TrackView, WebRtcClient, camera_track
-    from client.ws_client import VoxlensClient
+    itself (client.common.reconnect.Reconnecting): when the server restarts
+    (``session.closing``) or the connection drops, a new session is opened at the same URL
+    with the same settings, and a turn not answered yet is asked again there. Events are
+    printed as JSON lines on stdout, what the reconnection does as plain lines on stderr."""
+    from client.common.events import Error, ReplyText, decode_event
+    from client.common.reconnect import RETRY_LATER
+    from client.common.rtc_client import TrackView, WebRtcClient, camera_track
+    from client.common.ws_client import VoxlensClient
 
     failed = False
 
-    def show(ev: dict[str, Any]) -> None:
+    def show(ev: JsonEvent) -> None:
         nonlocal failed
-        if ev.get("type") == "error" and not (ev.get("fatal") and ev.get("code") in RETRY_LATER):
-            failed = True  # an error the reconnection does not take care of
-        if ev.get("type") == "reply.text":
-            return  # printed whole with reply.done
+        match decode_event(ev):
+            case Error(code=code, fatal=fatal) if not (fatal and code in RETRY_LATER):
+                failed = True  # an error the reconnection does not take care of
+            case ReplyText():
+                return  # printed whole with reply.done
         print(json.dumps(ev, ensure_ascii=False), flush=True)
 
     if args.transport == "webrtc":
@@ -202,8 +205,9 @@ async def _converse(args: argparse.Namespace,
                     say: Callable[[S, str], Awaitable[None]]) -> None:
     """Ask each turn over sessions from ``open_session`` (kept connected); save the last
     reply's audio with ``--out``."""
-    from client.events import Reconnecting, Retry, stdin_lines
-    from client.wavio import read_wav, write_wav
+    from client.common.console import stdin_lines
+    from client.common.reconnect import Reconnecting, Retry
+    from client.common.wavio import read_wav, write_wav
 
     def note(words: str) -> None:
         print(f"voxlens: {words}", file=sys.stderr, flush=True)
@@ -247,8 +251,9 @@ async def _converse(args: argparse.Namespace,
 
 
 def cmd_desktop(args: argparse.Namespace) -> int:
-    from client.access import api_key
-    from client.desktop import DesktopOptions, main
+    from client.common.access import api_key
+    from client.desktop.app import DesktopOptions
+    from client.desktop.main import main
 
     camera: int | Path | None = None if args.no_camera else (args.camera_file or args.camera)
     options = DesktopOptions(url=args.url, language=args.language, camera=camera,
@@ -262,9 +267,10 @@ def cmd_desktop(args: argparse.Namespace) -> int:
 
 
 def cmd_speaker(args: argparse.Namespace) -> int:
-    from client.access import AccessError, api_key
-    from client.links import Link, MqttLink, WsLink
-    from client.speaker import AudioIO, FileAudio, SoundDevices, Speaker, SpeakerOptions, sounddevice
+    from client.common.access import AccessError, api_key
+    from client.common.links import Link, MqttLink, WsLink
+    from client.speaker.app import Speaker, SpeakerOptions
+    from client.speaker.audio import AudioIO, FileAudio, SoundDevices, sounddevice
 
     if args.mqtt and not args.device:
         print("error: --mqtt needs --device ID (the device's id, usually its MQTT username)",

@@ -9,7 +9,7 @@ import numpy as np
 from faster_whisper import WhisperModel
 from pypinyin import lazy_pinyin
 
-from client.wavio import read_wav
+from client.common.wavio import read_wav
 from pipelines.text import HAN, ZH_PROMPT, main_script, zh_script
 from streaming.audio import Float32Array, resample
 

@@ -13,9 +13,9 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from client.acoustics import EchoRoom, live_microphone
-from client.events import TurnRecord
-from client.ws_client import VoxlensClient
+from client.common.acoustics import EchoRoom, live_microphone
+from client.common.eventlog import TurnRecord
+from client.common.ws_client import VoxlensClient
 from pipelines.bargein import CUT_MARK
 from pipelines.compute import Priority
 from pipelines.session import Session
@@ -113,20 +113,20 @@ async def test_speaking_over_the_reply_interrupts_it(app: App, lines: dict[str, 
         room.say(lines["spain"])
         await client.wait_for(lambda: reply.interrupted is not None, timeout_s=30)
         cut = reply.interrupted
-        assert cut is not None and cut["turn_id"] == reply.turn_id
+        assert cut is not None and cut.turn_id == reply.turn_id
         await client.wait_for(lambda: any(t.done for t in client.turns.values()), timeout_s=60)
         session = app.session(client.ready["session_id"])  # type: ignore[index]
         history = list(session.history.pairs())
     # heard 1 s and more: at most what reached the client (it plays out what it has while the
     # reply is paused, so all of it when the cut comes late)
-    assert 1000 <= cut["played_ms"] <= len(reply.audio) / 48 + 1
-    assert reply.text.strip().startswith(cut["heard_text"]) and cut["heard_text"]
-    assert len(cut["heard_text"]) < len(reply.text.strip())
+    assert 1000 <= cut.played_ms <= len(reply.audio) / 48 + 1
+    assert reply.text.strip().startswith(cut.heard_text) and cut.heard_text
+    assert len(cut.heard_text) < len(reply.text.strip())
     assert reply.late_audio == 0  # nothing of the interrupted reply after reply.interrupted
     assert not reply.done
     second = next(t for t in client.turns.values() if t.done)
     assert "spain" in (second.transcript or "").lower()
-    assert history[:2] == [("user", finals(client)[0]), ("assistant", cut["heard_text"] + CUT_MARK)]
+    assert history[:2] == [("user", finals(client)[0]), ("assistant", cut.heard_text + CUT_MARK)]
     assert history[2] == ("user", second.transcript)
 
 
@@ -212,11 +212,11 @@ async def test_manual_interrupt_and_one_during_the_first_chunk(app: App) -> None
         await client.interrupt()
         await client.wait_for(lambda: second.interrupted is not None, timeout_s=10)
         await asyncio.sleep(1.0)
-    assert first.interrupted is not None and first.interrupted["played_ms"] >= 600
+    assert first.interrupted is not None and first.interrupted.played_ms >= 600
     assert first.late_audio == 0 and second.late_audio == 0
     assert second.interrupted is not None
     if early:  # the usual case: text streams before the first chunk's audio is synthesized
-        assert second.interrupted["played_ms"] == 0 and second.interrupted["heard_text"] == ""
+        assert second.interrupted.played_ms == 0 and second.interrupted.heard_text == ""
         assert not second.audio
 
 
@@ -232,7 +232,7 @@ async def test_interrupt_at_the_very_end_of_a_reply(app: App) -> None:
     # reply had finished playing: never an error, never a second reply
     assert not client.errors
     if reply.interrupted is not None:
-        heard = reply.interrupted["heard_text"]
+        heard = reply.interrupted.heard_text
         assert reply.text.strip().startswith(heard) and len(heard) >= len(reply.text.strip()) // 2
 
 
@@ -272,8 +272,8 @@ async def test_mandarin_barge_in(app: App, zh_lines: dict[str, np.ndarray], case
     assert main_script(reply.text) == "han", reply.text
     if case.startswith("stop"):
         cut = reply.interrupted
-        assert cut is not None and cut["heard_text"] and reply.text.startswith(cut["heard_text"])
-        assert len(cut["heard_text"]) < len(reply.text.strip())
+        assert cut is not None and cut.heard_text and reply.text.startswith(cut.heard_text)
+        assert len(cut.heard_text) < len(reply.text.strip())
         second = next(t for t in client.turns.values() if t.done)
         said = second.transcript or ""
         # the person's words, not the reply's (Whisper base may hear 上海 as 伤害)

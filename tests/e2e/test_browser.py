@@ -24,7 +24,7 @@ import pytest
 from playwright.async_api import Browser, Page, Playwright, async_playwright
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 
-from client.wavio import read_wav, write_wav
+from client.common.wavio import read_wav, write_wav
 from server.launch import ServerProcess, free_port, spawn_server
 from tests.conftest import ARTIFACTS, speak
 from tests.tls import self_signed, wait_serving

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from playwright.async_api import Page, async_playwright
 
-from client.wavio import write_wav
+from client.common.wavio import write_wav
 from server.launch import Fleet, spawn_fleet
 from tests.conftest import ARTIFACTS
 from tests.e2e.test_browser import CHROMIUM, FLAGS, wait

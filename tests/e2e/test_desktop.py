@@ -23,8 +23,8 @@ from faster_whisper import WhisperModel
 from PIL import ImageGrab
 from skimage import data as photos
 
-from client.desktop_window import WINDOW_H, WINDOW_W
-from client.wavio import read_wav, write_wav
+from client.common.wavio import read_wav, write_wav
+from client.desktop.window import WINDOW_H, WINDOW_W
 from pipelines.text import HAN, main_script, zh_script
 from tests.conftest import ARTIFACTS, ROOT, Server, speak, until
 from tests.mandarin import cer, hear

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from client.ws_client import VoxlensClient
+from client.common.ws_client import VoxlensClient
 from pipelines.engines.fakes import FakeAsr, FakeLlm, FakeTts, FakeVad
 from pipelines.session import Engines
 from server.app import DRAINED, create_app

@@ -1,5 +1,5 @@
 """The server's echo canceller (streaming/echo.py) on real speech: piper's voice through the
-simulated room of client/acoustics.py, silero VAD to tell what is still speech. A virtual
+simulated room of client/common/acoustics.py, silero VAD to tell what is still speech. A virtual
 clock stands for the wall time the canceller aligns the reply and the microphone with."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.acoustics import EchoRoom, heard_in_room
+from client.common.acoustics import EchoRoom, heard_in_room
 from pipelines.bargein import BargeInConfig
 from pipelines.engines.vad_silero import SileroVad
 from pipelines.models import silero_vad_path

@@ -20,7 +20,7 @@ import pytest
 from aiohttp import WSMsgType, web
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
-from client.rtc_client import MicrophoneTrack
+from client.common.rtc_client import MicrophoneTrack
 from pipelines.compute import Priority
 from pipelines.engines.fakes import FakeAsr, FakeLlm, FakeTts, FakeVad
 from pipelines.session import Engines

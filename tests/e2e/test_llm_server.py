@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from client.ws_client import VoxlensClient
+from client.common.ws_client import VoxlensClient
 from pipelines import models
 from server.launch import ServerProcess, free_port, spawn_server
 from tests.conftest import ARTIFACTS, speak

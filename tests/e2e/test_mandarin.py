@@ -8,8 +8,8 @@ from pathlib import Path
 
 from faster_whisper import WhisperModel
 
-from client.wavio import read_wav, write_wav
-from client.ws_client import VoxlensClient
+from client.common.wavio import read_wav, write_wav
+from client.common.ws_client import VoxlensClient
 from pipelines.text import HAN, main_script, zh_script
 from tests.conftest import ARTIFACTS, Server
 from tests.mandarin import cer, hear, pcm_audio

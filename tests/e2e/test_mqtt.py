@@ -17,10 +17,10 @@ import aiomqtt
 import numpy as np
 import pytest
 
-from client.acoustics import EchoRoom, live_microphone
-from client.events import EventLog, TurnRecord
-from client.links import MqttLink
-from client.wavio import write_wav
+from client.common.acoustics import EchoRoom, live_microphone
+from client.common.eventlog import EventLog, TurnRecord
+from client.common.links import MqttLink
+from client.common.wavio import write_wav
 from server.launch import free_port, spawn_server
 from server.mqtt import broker_client
 from server.settings import load_settings

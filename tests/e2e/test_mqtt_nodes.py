@@ -23,9 +23,10 @@ import aiomqtt
 import numpy as np
 import pytest
 
-from client.links import MqttLink
-from client.speaker import FileAudio, Speaker, SpeakerOptions
-from client.wavio import write_wav
+from client.common.links import MqttLink
+from client.common.wavio import write_wav
+from client.speaker.app import Speaker, SpeakerOptions
+from client.speaker.audio import FileAudio
 from pipelines.compute import Compute
 from pipelines.engines.base import ChatMessage
 from pipelines.engines.fakes import FakeAsr, FakeLlm, FakeTts, FakeVad

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client.wavio import write_wav
+from client.common.wavio import write_wav
 from server.launch import Fleet, ServerProcess, free_port, spawn_fleet, spawn_server
 from tests.conftest import ARTIFACTS, ROOT, speak, until
 from tests.e2e.test_desktop import DesktopProcess

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from client.ws_client import VoxlensClient
+from client.common.ws_client import VoxlensClient
 from server.launch import ServerProcess, free_port, spawn_server
 from tests.conftest import ARTIFACTS, speak
 

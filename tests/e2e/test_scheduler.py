@@ -8,7 +8,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from client.ws_client import VoxlensClient
+from client.common.ws_client import VoxlensClient
 from pipelines import models
 from pipelines.compute import Compute, Priority
 from pipelines.engines.asr_whisper import WhisperAsr

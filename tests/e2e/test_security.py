@@ -32,12 +32,13 @@ import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from skimage import data as photos
 
-from client import access
-from client.links import Connection, Incoming, WsLink
-from client.rtc_client import MicrophoneTrack
-from client.speaker import FileAudio, Speaker, SpeakerOptions
-from client.wavio import read_wav, write_wav
-from client.ws_client import VoxlensClient
+from client.common import access
+from client.common.links import Connection, Incoming, WsLink
+from client.common.rtc_client import MicrophoneTrack
+from client.common.wavio import read_wav, write_wav
+from client.common.ws_client import VoxlensClient
+from client.speaker.app import Speaker, SpeakerOptions
+from client.speaker.audio import FileAudio
 from server.launch import ServerProcess, free_port, spawn_server
 from streaming.webrtc import EVENTS_LABEL, restrict_host_candidates
 from tests.conftest import ARTIFACTS, Server, speak, until

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 from faster_whisper import WhisperModel
 
-from client.links import Connection, Incoming, Link, MqttLink, WsLink
-from client.speaker import FileAudio, Speaker, SpeakerOptions
-from client.wavio import read_wav, write_wav
+from client.common.links import Connection, Incoming, Link, MqttLink, WsLink
+from client.common.wavio import read_wav, write_wav
+from client.speaker.app import Speaker, SpeakerOptions
+from client.speaker.audio import FileAudio
 from streaming.audio import float_to_pcm16
 from tests.broker import Broker
 from tests.conftest import ARTIFACTS, MQTT_PREFIX, Server, speak
@@ -111,7 +112,7 @@ async def test_speaker_over_websocket_reports_what_it_played(  # type: ignore[no
     assert len(turns) == 1 and len(reports) >= 3, reports
     played = [m["played_ms"] for m in reports]
     assert played == sorted(played)
-    assert played[-1] == round(speaker.jitter.played_ms(turns.pop())) > 1000
+    assert played[-1] == round(speaker.playback.played_ms(turns.pop())) > 1000
     text = heard(transcriber, out)
     assert "rome" in text, text
 

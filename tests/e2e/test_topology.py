@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from client.ws_client import VoxlensClient
+from client.common.ws_client import VoxlensClient
 from server.launch import Fleet, ServerProcess, spawn_fleet
 from tests.conftest import ARTIFACTS, until
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from skimage import data as photos
 
-from client.ws_client import VoxlensClient
+from client.common.ws_client import VoxlensClient
 from streaming.images import encode_jpeg
 from tests.conftest import Server, speak
 

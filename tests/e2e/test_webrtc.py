@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from client.rtc_client import WebRtcClient
+from client.common.rtc_client import WebRtcClient
 from tests.conftest import Server, speak, until
 
 LOOPBACK = ["127.0.0.1"]

@@ -13,8 +13,8 @@ import aiohttp
 import jiwer
 import numpy as np
 
-from client.wavio import read_wav, write_wav
-from client.ws_client import VoxlensClient
+from client.common.wavio import read_wav, write_wav
+from client.common.ws_client import VoxlensClient
 from tests.conftest import ARTIFACTS, Server, speak, until
 
 JFK = ("And so my fellow Americans, ask not what your country can do for you, "

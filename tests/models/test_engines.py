@@ -12,7 +12,7 @@ import jiwer
 import numpy as np
 import pytest
 
-from client.wavio import read_wav
+from client.common.wavio import read_wav
 from pipelines import models
 from pipelines.compute import Compute, Priority
 from pipelines.engines.asr_whisper import WhisperAsr

@@ -21,7 +21,7 @@ import srt
 import webvtt
 
 import server.transcribe
-from client.wavio import read_wav, write_wav
+from client.common.wavio import read_wav, write_wav
 from pipelines.text import HAN, zh_script
 from server.cli import main
 from streaming.audio import resample

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.wavio import read_wav
+from client.common.wavio import read_wav
 from pipelines import models
 from pipelines.compute import Compute
 from pipelines.engines.turn_smart import SmartTurn

@@ -1,8 +1,8 @@
-"""The clients' access helper (client/access.py): where tokens are minted, which key is used."""
+"""The clients' access helper (client/common/access.py): where tokens are minted, which key is used."""
 
 import pytest
 
-from client.access import API_KEY_ENV, api_key, http_base
+from client.common.access import API_KEY_ENV, api_key, http_base
 
 
 @pytest.mark.parametrize(("url", "base"), [

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client.desktop_camera import FrameSlot
-from client.desktop_window import DesktopWindow
+from client.desktop.camera import FrameSlot
+from client.desktop.window import DesktopWindow
 
 
 class Recorder:

@@ -1,7 +1,7 @@
-"""The reconnect policy of `voxlens talk` and `voxlens desktop` (client/events.py) on plain
-values, and its loop (``Reconnecting``) with scripted sessions on a virtual clock (looptime):
-which endings are tried again, the backoff sequence, what the person is told, the same turn
-asked again after a session ended under it, and cancellation closing at once."""
+"""The reconnect policy of `voxlens talk` and `voxlens desktop` (client/common/reconnect.py)
+on plain values, and its loop (``Reconnecting``) with scripted sessions on a virtual clock
+(looptime): which endings are tried again, the backoff sequence, what the person is told, the
+same turn asked again after a session ended under it, and cancellation closing at once."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from client.access import AccessError
-from client.events import (
+from client.common.access import AccessError
+from client.common.eventlog import EventLog
+from client.common.reconnect import (
     RETRY_LATER,
     Backoff,
     Ending,
-    EventLog,
     GaveUp,
     Reconnecting,
     Refused,

@@ -1,16 +1,13 @@
-"""What the desktop app shows and does while it reconnects (client/desktop_state.py,
-client/desktop.py), without a server: the state and the words on screen, a new session's turns
-kept apart from the old one's, and the old session's reply stopped."""
+"""What the desktop app shows and does while it reconnects (client/desktop/state.py,
+client/desktop/app.py), without a server: the state and the words on screen, a new session's
+turns kept apart from the old one's, and the old session's reply stopped."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
-
-from client.desktop import DesktopApp, DesktopOptions
-from client.desktop_state import RECONNECTING, DesktopState
-from client.events import Ending, Retry
+from client.common.reconnect import Ending, Retry
+from client.desktop.events import RECONNECTING
+from client.desktop.state import DesktopState
+from tests.unit.test_desktop import loud, offline_app
 
 CLOSING = {"type": "session.closing", "reason": "draining", "reconnect": True,
            "message": "this server is shutting down; connect again to go on"}
@@ -49,28 +46,21 @@ def test_a_closing_without_reconnect_and_a_final_ending_are_shown() -> None:
     assert (s.state, s.error) == ("disconnected", "the connection was lost (gave up after 10 tries)")
 
 
-class FakeClient:
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-        self.ready: dict[str, Any] | None = {"type": "session.ready"}
-
-    def send(self, message: dict[str, Any]) -> None:
-        self.sent.append(message)
-
-
 def test_the_app_tells_each_retry_and_stops_the_old_sessions_reply() -> None:
-    events: list[dict[str, Any]] = []
-    app = DesktopApp(DesktopOptions(camera=None), events.append)
-    app.client = FakeClient()  # type: ignore[assignment]
+    app, _, events = offline_app()
     app._on_event({"type": "reply.started", "turn_id": 1})
-    loud = (np.sin(np.arange(960) / 8) * 8000).astype(np.int16)
     for _ in range(10):
-        app._on_audio(loud)
+        app._on_audio(loud())
     assert app.buffer.queued_ms(1) > 0
+    app._on_event({"type": "reply.interrupted", "turn_id": 1, "played_ms": 0, "heard_text": ""})
     app._forget_replies()  # the session ended under the reply
-    assert app.buffer.queued_ms(1) == 0 and app.gate.active is None
-    app._on_audio(loud)  # nothing of the old reply plays any more
+    assert app.buffer.queued_ms() == 0 and app.gate.active is None
+    app._on_audio(loud())  # nothing of the old reply plays any more
     assert app.buffer.queued_ms(1) == 0
+    # the next session numbers its turns afresh: its turn 1 plays, though the old one was cut
+    app._on_event({"type": "reply.started", "turn_id": 1})
+    app._on_audio(loud())
+    assert app.buffer.queued_ms(1) == 20
     app._retrying(Retry(Ending("closing", True, "the server is restarting"), 2, 10, 1.234))
     assert events[-1] == {"type": RECONNECTING, "reason": "the server is restarting",
                           "message": "the server is restarting: reconnecting in 1.2 s "

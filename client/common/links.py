@@ -1,7 +1,7 @@
 """Connections for device clients (``voxlens speaker``): the same conversation over MQTT or a
 WebSocket. A link opens one connection at a time; the caller reconnects. Every transport
 failure surfaces as ``ConnectionError``, so the caller needs to know no library's errors; a
-server that refuses the client's credential raises ``client.access.AccessError`` (reconnecting
+server that refuses the client's credential raises ``client.common.access.AccessError`` (reconnecting
 will not help)."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import aiohttp
 import aiomqtt
 
-from client import access
+from client.common import access
+from client.common.events import JsonEvent, Ready, decode_event
 from streaming.mqtt import (
     AUDIO_IN,
     AUDIO_OUT,
@@ -35,7 +36,7 @@ from streaming.mqtt import (
     valid_device_id,
 )
 
-Incoming = dict[str, Any] | bytes  # an event, or a piece of reply audio
+Incoming = JsonEvent | bytes  # an event (as it came), or a piece of reply audio
 FLUSH_AFTER_S = 0.25  # numbered reply audio held for a missing frame: played after this long
 REORDER_WINDOW = 8
 
@@ -155,9 +156,9 @@ class MqttConnection:
                 event = _event(payload)
                 if event is None:
                     continue
-                if event.get("type") == "session.ready":
-                    numbered = event.get("output", {}).get("sequence", False)
-                    self._out = Reorderer(REORDER_WINDOW) if numbered else None
+                match decode_event(event):
+                    case Ready(output_sequence=numbered):
+                        self._out = Reorderer(REORDER_WINDOW) if numbered else None
                 yield event
             elif self._out is not None:
                 if len(payload) < HEADER.size:
@@ -169,7 +170,7 @@ class MqttConnection:
                 yield payload
 
 
-def _event(payload: bytes | str) -> dict[str, Any] | None:
+def _event(payload: bytes | str) -> JsonEvent | None:
     """A JSON event, or None for anything else (never trusted to be well formed)."""
     try:
         event = json.loads(payload)

@@ -4,33 +4,27 @@ observation, mute and camera toggles, and a box for typed turns.
 
 Tk runs on the main thread only. Every 40 ms the window drains the events the network thread
 queued, applies them to a ``DesktopState`` and redraws what changed, and shows the camera
-slot's newest frame; what the person does goes out through ``Commands`` (thread-safe).
+slot's newest frame; what the person does goes out through ``Commands`` (thread-safe). The
+window is a view: it knows nothing of the network side (client/desktop/main.py wires the two).
 Keys: m mute, c camera, s stop the reply, t type, Enter send, Esc or Ctrl-Q quit (Esc in the
 text box leaves it).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import queue
-import signal
-import sys
-import threading
 import tkinter as tk
 from collections.abc import Callable
-from types import FrameType
 from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
-from client.desktop import DesktopApp, DesktopOptions, LoopCommands, print_event, print_json, put_latest
-from client.desktop_camera import Frame, FrameSlot
-from client.desktop_state import CLOSED, DesktopState
+from client.common.events import JsonEvent
+from client.desktop.camera import Frame, FrameSlot
+from client.desktop.state import DesktopState
 
 POLL_MS = 40
-INBOX = 1024  # events waiting for the window; the oldest go when it is full
 EVENTS_PER_POLL = 200
 PREVIEW_W, PREVIEW_H = 640, 480
 WINDOW_W, WINDOW_H = PREVIEW_W + 340, PREVIEW_H + 120  # at +0+0 (where screenshots look)
@@ -46,6 +40,8 @@ CAPTION_FONT = ("Helvetica", 15)
 
 
 class Commands(Protocol):
+    """What the person can do in the window (thread-safe: called on the Tk thread)."""
+
     def set_muted(self, muted: bool) -> None: ...
     def set_camera(self, on: bool) -> None: ...
     def send_text(self, text: str) -> None: ...
@@ -67,7 +63,12 @@ def ppm(frame: Frame, width: int, height: int) -> bytes:
 
 
 class DesktopWindow:
-    def __init__(self, root: tk.Tk, commands: Commands, inbox: queue.Queue[dict[str, Any]],
+    """The window on ``root``: shows what ``inbox`` (events, drained by ``poll``) and
+    ``frames`` (the camera's newest frame) say, and hands what the person does to
+    ``commands``. ``network_done``: whether the network side has shut down (the window goes
+    once it has, after a quit was asked for)."""
+
+    def __init__(self, root: tk.Tk, commands: Commands, inbox: queue.Queue[JsonEvent],
                  frames: FrameSlot | None, *,
                  network_done: Callable[[], bool] = lambda: True) -> None:
         self.root = root
@@ -299,60 +300,3 @@ class DesktopWindow:
                 "mute": self.mute.cget("text"), "camera": self.camera.cget("text"),
                 "log": self.log.get("1.0", "end").strip(),
                 "preview": self._photo is not None}
-
-
-def run_window(options: DesktopOptions) -> int:
-    """The app with its window; returns when the window is closed (Esc, Ctrl-Q, the close
-    button, SIGINT or SIGTERM) and everything has shut down."""
-    try:
-        root = tk.Tk(className="voxlens")
-    except tk.TclError as e:
-        print(f"error: no display for the window ({e}); use --headless", file=sys.stderr)
-        return 2
-    inbox: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=INBOX)
-
-    def notify(ev: dict[str, Any]) -> None:
-        print_event(ev)
-        put_latest(inbox, ev)
-
-    app = DesktopApp(options, notify)
-    loop = asyncio.new_event_loop()
-    result: list[int] = []
-
-    def network() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            result.append(loop.run_until_complete(app.run()))
-        except Exception as e:
-            notify({"type": CLOSED, "reason": f"internal error: {e!r}"})
-            raise
-        finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
-            asyncio.set_event_loop(None)
-            loop.close()
-
-    thread = threading.Thread(target=network, name="voxlens-net")
-    commands = LoopCommands(app, loop)
-    window = DesktopWindow(root, commands, inbox, app.frames,
-                           network_done=lambda: not thread.is_alive())
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        window.quit_soon = True  # Tk is not touched inside a signal handler
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    thread.start()
-    try:
-        window.start()
-        root.mainloop()
-    finally:
-        commands.quit()
-        thread.join()
-        window.poll()  # the last events (the connection closed)
-        shown = window.shown()
-        with contextlib.suppress(tk.TclError):
-            root.destroy()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    print_json({"type": "desktop.exit", **shown})
-    return result[0] if result else 1

@@ -12,19 +12,21 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from client import access
-from client.events import EventLog, Refused, refusal
-from client.wavio import last_voiced_sample
+from client.common import access
+from client.common.eventlog import EventLog
+from client.common.events import Error, JsonEvent, decode_event
+from client.common.playback import PlaybackReporter
+from client.common.reconnect import Refused, refusal
+from client.common.wavio import last_voiced_sample
 from streaming.audio import Float32Array, float_to_pcm16, resample
 
 FRAME_MS = 20
-PLAYBACK_EVERY_S = 0.2  # playback reports while a reply plays
 HEARTBEAT_S = 20  # a ping this often: a server or network gone silent ends the session
 
 
 class VoxlensClient(EventLog):
     """One WebSocket session. Events are collected as they arrive by a reader task. With
-    ``api_key`` it connects with a token minted for the connection (client/access.py); with
+    ``api_key`` it connects with a token minted for the connection (client/common/access.py); with
     ``session_start`` (the fields of a ``session.start``) it configures the session before
     entering it.
 
@@ -33,7 +35,7 @@ class VoxlensClient(EventLog):
     loading or a balancer with no node), one that refuses the credential AccessError, and
     any other failure to connect a ConnectionError or TimeoutError."""
 
-    def __init__(self, url: str, *, on_event: Callable[[dict[str, Any]], None] | None = None,
+    def __init__(self, url: str, *, on_event: Callable[[JsonEvent], None] | None = None,
                  report_playback: bool = True, api_key: str | None = None,
                  session_start: dict[str, Any] | None = None):
         super().__init__(on_event)
@@ -64,7 +66,7 @@ class VoxlensClient(EventLog):
             raise ConnectionError(str(e) or type(e).__name__) from e
         self._tasks.append(asyncio.create_task(self._read()))
         if self.report_playback:
-            self._tasks.append(asyncio.create_task(self._report_playback()))
+            self._tasks.append(asyncio.create_task(PlaybackReporter(self.playing, self.send).run()))
         try:
             await self.wait_for(lambda: self.ready is not None, timeout_s=30)
         except ConnectionError:
@@ -78,10 +80,9 @@ class VoxlensClient(EventLog):
     def _raise_refusal(self, before: int = 0) -> None:
         """Raise the last error the server sent (after the first ``before``) as a Refused."""
         if len(self.errors) > before:
-            e = self.errors[-1]
-            after = e.get("retry_after")
-            raise Refused(str(e.get("code")), str(e.get("message") or ""),
-                          float(after) if isinstance(after, int | float) else None)
+            match decode_event(self.errors[-1]):
+                case Error(code=code, message=message, retry_after=after):
+                    raise Refused(code, message, after)
 
     async def __aexit__(self, *exc: object) -> None:
         if self._ws is not None:
@@ -92,16 +93,6 @@ class VoxlensClient(EventLog):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
-
-    async def _report_playback(self) -> None:
-        """Tell the server how much of the reply the speaker has played (for barge-in)."""
-        last: dict[str, Any] | None = None
-        while True:
-            await asyncio.sleep(PLAYBACK_EVERY_S)
-            report = self.playback_report()
-            if report is not None and report != last:
-                await self.send(report)
-                last = report
 
     async def interrupt(self) -> None:
         """Stop the reply (what a stop button or push-to-talk does)."""
@@ -133,11 +124,9 @@ class VoxlensClient(EventLog):
 
     async def start(self, **fields: Any) -> None:
         """Send ``session.start`` and wait for the new ``session.ready`` (or an error)."""
-        before = sum(e.get("type") == "session.ready" for e in self.events)
+        before = self.readies
         await self.send({"type": "session.start", **fields})
-        await self.wait_for(
-            lambda: sum(e.get("type") == "session.ready" for e in self.events) > before
-            or bool(self.errors))
+        await self.wait_for(lambda: self.readies > before or bool(self.errors))
 
     async def say(self, text: str) -> None:
         await self.send({"type": "text", "text": text})

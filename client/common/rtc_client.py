@@ -19,9 +19,12 @@ from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaPlayer
 from aiortc.mediastreams import MediaStreamTrack, VideoStreamTrack
 
-from client import access
-from client.events import EventLog, refusal
-from client.wavio import last_voiced_sample
+from client.common import access
+from client.common.eventlog import EventLog
+from client.common.events import JsonEvent
+from client.common.playback import PlaybackReporter
+from client.common.reconnect import refusal
+from client.common.wavio import last_voiced_sample
 from streaming.audio import Float32Array, float_to_pcm16, resample
 from streaming.channels import Channel, Full
 from streaming.webrtc import EVENTS_LABEL, PcmTrack, mono_pcm, restrict_host_candidates
@@ -132,7 +135,7 @@ def camera_track(path: str | Path) -> MediaStreamTrack:
 
 class WebRtcClient(EventLog):
     """One WebRTC session against ``POST {base_url}/offer`` (with ``api_key``: with a token
-    minted for it, client/access.py). Its microphone goes out through a view (TrackView),
+    minted for it, client/common/access.py). Its microphone goes out through a view (TrackView),
     so a client made for the next session can take it over.
 
     Entering it waits for the session to be ready. A refused offer raises Refused (``busy``,
@@ -142,7 +145,7 @@ class WebRtcClient(EventLog):
 
     def __init__(self, base_url: str, *, camera: MediaStreamTrack | None = None,
                  language: str | None = None, host_addresses: list[str] | None = None,
-                 on_event: Callable[[dict[str, Any]], None] | None = None,
+                 on_event: Callable[[JsonEvent], None] | None = None,
                  echo_cancellation: bool = True, report_playback: bool = True,
                  api_key: str | None = None) -> None:
         super().__init__(on_event)
@@ -150,7 +153,6 @@ class WebRtcClient(EventLog):
         self.api_key = api_key
         self.echo_cancellation = echo_cancellation  # False: the server removes the echo
         self.report_playback = report_playback
-        self._voiced_bytes: dict[int, int] = {}  # turn → its audio up to the last sound
         self.microphone = MicrophoneTrack()
         self.camera = camera
         self.language = language
@@ -177,7 +179,8 @@ class WebRtcClient(EventLog):
         self._channel.on("message", self._on_message)
         self._tasks.append(asyncio.create_task(self._read_events()))
         if self.report_playback:
-            self._tasks.append(asyncio.create_task(self._report_playback()))
+            reporter = PlaybackReporter(self.playing, self._send_report)
+            self._tasks.append(asyncio.create_task(reporter.run()))
         pc.addTrack(self.microphone.view())
         if self.camera is not None:
             pc.addTrack(self.camera)
@@ -248,24 +251,17 @@ class WebRtcClient(EventLog):
                 continue
             await self.add_audio(pcm.astype("<i2").tobytes())
             if not silent:
-                self._voiced_bytes[turn.turn_id] = len(turn.audio)
+                turn.voiced = len(turn.audio)
 
     def played_ms(self, turn_id: int) -> float:
         """A WebRTC track plays as it arrives: the turn's audio up to its latest sound."""
         turn = self.turns[turn_id]
         if turn.played_when_cut is not None:
             return turn.played_when_cut
-        return self._voiced_bytes.get(turn_id, 0) / 2 * 1000 / RATE
+        return turn.voiced / 2 * 1000 / RATE
 
-    async def _report_playback(self) -> None:
-        last: dict[str, Any] | None = None
-        while True:
-            await asyncio.sleep(0.2)
-            report = self.playback_report()
-            if report is not None and report != last and self._channel is not None \
-                    and self._channel.readyState == "open":
-                self.send(report)
-                last = report
+    async def _send_report(self, report: JsonEvent) -> None:
+        self.send(report)
 
     def interrupt(self) -> None:
         self.send({"type": "interrupt"})

@@ -1,63 +1,60 @@
-"""`voxlens desktop`: microphone, camera and speaker talking to a running server over WebRTC,
-in a Tk window (``client/desktop_window.py``) or headless (events printed as JSON lines).
+"""The desktop app's network side, ``DesktopApp``: microphone, camera and speaker talking to a
+running server over WebRTC, kept connected, on one asyncio loop. It tells every event (the
+server's and its own, as JSON) to ``notify`` and knows nothing of what shows them (the window,
+or stdout: client/desktop/main.py wires it to either).
 
-Threads. The network side, ``DesktopApp`` (the aiortc peer connection, the devices, playback
-reports), runs on one asyncio loop. With a window, Tk owns the main thread and the loop runs on
-a thread of its own ("voxlens-net"); neither ever calls into the other directly: the app hands
-each event to a bounded queue that the window drains every 40 ms (``root.after``), and the
-window's commands (mute, camera, typed text, quit) are scheduled on the loop with
-``call_soon_threadsafe`` (``LoopCommands``). The camera captures on its own thread into a
-keep-latest slot that the preview and the video track both read; reply audio is played from a
-thread-safe buffer by PortAudio's callback thread (or by a recorder thread with ``--record``).
-Headless, the loop runs on the main thread. Every thread is joined on exit.
+The camera captures on its own thread into a keep-latest slot that the preview and the video
+track both read; reply audio is played from the shared playback buffer by PortAudio's callback
+thread (or by a recorder thread with ``--record``); the playback reporter tells the server how
+much of a reply has played. Every thread is joined on exit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import queue
-import signal
-import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from aiortc.mediastreams import MediaStreamTrack
 
-from client.desktop_audio import (
+from client.common.events import (
+    JsonEvent,
+    ReplyDone,
+    ReplyInterrupted,
+    ReplyStarted,
+    decode_event,
+)
+from client.common.playback import PlaybackBuffer, PlaybackReporter
+from client.common.reconnect import Reconnecting, Retry
+from client.common.rtc_client import RATE, WebRtcClient
+from client.common.wavio import read_wav
+from client.desktop.audio import (
     AudioDeviceError,
     DesktopMicrophone,
     MicrophoneDevice,
     Output,
     PacedOutput,
-    PlaybackBuffer,
     SpeakerOutput,
 )
-from client.desktop_camera import CameraError, CameraSource, CameraTrack, FrameSlot
-from client.desktop_state import (
-    CAMERA,
-    CLOSED,
-    MUTED,
-    PLAYED,
-    RECONNECTING,
-    TYPED,
-    WARNING,
-    DesktopState,
-    ReplyGate,
+from client.desktop.camera import CameraError, CameraSource, CameraTrack, FrameSlot
+from client.desktop.events import (
+    AppWarning,
+    CameraChanged,
+    Closed,
+    Muted,
+    Played,
+    Retrying,
+    Typed,
 )
-from client.events import Reconnecting, Retry, stdin_lines
-from client.rtc_client import RATE, WebRtcClient
-from client.wavio import read_wav
+from client.desktop.state import ReplyGate
 from streaming.audio import Float32Array
 from streaming.webrtc import mono_pcm
 
-PLAYBACK_EVERY_S = 0.2  # how often the server hears how much of a reply has played
-JsonEvent = dict[str, Any]  # a protocol event or a desktop.* event, as JSON
+MAX_QUEUED_MS = 3000  # reply audio waiting for the speaker (the track is real time)
 
 
 @dataclass
@@ -98,11 +95,12 @@ class DesktopRtcClient(WebRtcClient):
 class DesktopApp:
     """One conversation with the devices, kept connected: when the server ends the session
     (``session.closing``: it restarts) or the connection drops, the app connects again to the
-    same URL (the balancer) with the same settings, as ``client.events.Reconnecting`` says,
-    and tells the person (``desktop.reconnecting``). ``notify`` receives every event (the
-    server's and the app's own ``desktop.*``) on the loop thread. The commands
-    (``set_muted``, ``set_camera``, ``send_text``, ``stop``) must be called on the loop
-    thread."""
+    same URL (the balancer) with the same settings, as ``Reconnecting``
+    (client/common/reconnect.py) says, and tells the person (``desktop.reconnecting``).
+    ``notify`` receives every event (the server's and the app's own ``desktop.*``) on the loop
+    thread. The commands (``set_muted``, ``set_camera``, ``send_text``, ``interrupt``,
+    ``stop``) must be called on the loop thread. It owns its tasks (the reconnect loop, the
+    playback reporter) for as long as ``run`` runs."""
 
     def __init__(self, options: DesktopOptions, notify: Callable[[JsonEvent], None]) -> None:
         self.options = options
@@ -110,7 +108,8 @@ class DesktopApp:
         self.camera = CameraSource(options.camera) if options.camera is not None else None
         self.frames: FrameSlot | None = self.camera.slot if self.camera is not None else None
         self.mic = DesktopMicrophone()
-        self.buffer = PlaybackBuffer(RATE)
+        self.buffer = PlaybackBuffer(RATE, max_ms=MAX_QUEUED_MS)
+        self.reporter = PlaybackReporter(self._played_now, self._send_report)
         self.gate = ReplyGate(RATE)
         self.client: DesktopRtcClient | None = None  # the session open now
         self._video: CameraTrack | None = None  # the camera's track in that session
@@ -127,7 +126,7 @@ class DesktopApp:
 
     def set_muted(self, muted: bool) -> None:
         self.mic.muted = muted
-        self.notify({"type": MUTED, "muted": muted})
+        self.notify(Muted(muted).json())
 
     def set_camera(self, on: bool) -> None:
         if self.camera is None:
@@ -136,7 +135,7 @@ class DesktopApp:
         self.camera.set_enabled(on)
         if self._video is not None:
             self._video.set_enabled(on)
-        self.notify({"type": CAMERA, "on": on})
+        self.notify(CameraChanged(on).json())
 
     def interrupt(self) -> None:
         """Stop the reply: silent here at once; the server cuts it (reply.interrupted)."""
@@ -149,9 +148,9 @@ class DesktopApp:
         if not text:
             return
         if not self._send({"type": "text", "text": text}):
-            self.notify({"type": WARNING, "message": "not connected: the text was not sent"})
+            self.notify(AppWarning("not connected: the text was not sent").json())
             return
-        self.notify({"type": TYPED, "text": text})
+        self.notify(Typed(text).json())
 
     # ---- the conversation -------------------------------------------------------------
 
@@ -171,29 +170,29 @@ class DesktopApp:
             async with asyncio.TaskGroup() as tg:  # stop() also ends a connection attempt
                 keeping = tg.create_task(keeper.run())
                 stopping = tg.create_task(self._stop.wait())
-                reporting = tg.create_task(self._report_playback())
+                reporting = tg.create_task(self.reporter.run())
                 await asyncio.wait([keeping, stopping], return_when=asyncio.FIRST_COMPLETED)
                 for task in (keeping, stopping, reporting):
                     task.cancel()
         if keeping.cancelled():
-            self.notify({"type": CLOSED, "reason": None})
+            self.notify(Closed(None).json())
             return 0
-        self.notify({"type": CLOSED, "reason": keeper.words()})
+        self.notify(Closed(keeper.words()).json())
         return 1
 
     async def _open_camera(self, stack: contextlib.AsyncExitStack) -> None:
         if self.camera is None:
-            self.notify({"type": CAMERA, "available": False})
+            self.notify(CameraChanged(False, available=False).json())
             return
         try:
             await asyncio.to_thread(self.camera.start)
         except CameraError as e:
-            self.notify({"type": WARNING, "message": f"no camera: {e}"})
-            self.notify({"type": CAMERA, "available": False})
+            self.notify(AppWarning(f"no camera: {e}").json())
+            self.notify(CameraChanged(False, available=False).json())
             self.camera = None
             return
         stack.push_async_callback(asyncio.to_thread, self.camera.close)
-        self.notify({"type": CAMERA, "on": True})
+        self.notify(CameraChanged(True).json())
 
     async def _open_output(self) -> Output:
         if self.options.record is not None:
@@ -201,7 +200,7 @@ class DesktopApp:
         try:  # PortAudio may take a while to probe its devices: off the loop
             return await asyncio.to_thread(SpeakerOutput, self.buffer)
         except AudioDeviceError as e:
-            self.notify({"type": WARNING, "message": f"{e}: replies are shown, not heard"})
+            self.notify(AppWarning(f"{e}: replies are shown, not heard").json())
             return PacedOutput(self.buffer, None)
 
     async def _open_microphone(self, stack: contextlib.AsyncExitStack
@@ -213,7 +212,7 @@ class DesktopApp:
             device = await asyncio.to_thread(MicrophoneDevice, self.mic,
                                              asyncio.get_running_loop())
         except AudioDeviceError as e:
-            self.notify({"type": WARNING, "message": str(e)})
+            self.notify(AppWarning(str(e)).json())
             return None
         stack.push_async_callback(asyncio.to_thread, device.close)
         return None
@@ -248,17 +247,16 @@ class DesktopApp:
             self._utterance = None
 
     def _retrying(self, retry: Retry) -> None:
-        self.notify({"type": RECONNECTING, "message": retry.words(),
-                     "reason": retry.ending.words, "attempt": retry.attempt,
-                     "tries": retry.tries, "wait_s": round(retry.wait_s, 2)})
+        self.notify(Retrying(retry.words(), retry.ending.words, retry.attempt, retry.tries,
+                             round(retry.wait_s, 2)).json())
 
     def _forget_replies(self) -> None:
-        """The session is over: its reply stops (the next session numbers turns afresh)."""
+        """The session is over: its reply stops, and the buffer forgets its turns (the next
+        session numbers turns afresh)."""
         if self.gate.active is not None:
             self.gate.interrupted(self.gate.active)
-        if self._playing is not None:
-            self.buffer.cut(self._playing)
-            self._playing = None
+        self.buffer.clear()
+        self._playing = None
 
     def _send(self, message: JsonEvent) -> bool:
         """Send on the events channel; False when not connected (or no longer)."""
@@ -271,15 +269,15 @@ class DesktopApp:
         return True
 
     def _on_event(self, ev: JsonEvent) -> None:
-        match ev.get("type"):
-            case "reply.started":
-                self.gate.started(ev["turn_id"])
-            case "reply.done":
-                self.gate.done(ev["turn_id"])
-            case "reply.interrupted":  # stop playing it at once
-                self.gate.interrupted(ev["turn_id"])
-                self.buffer.cut(ev["turn_id"])
-                if self._playing == ev["turn_id"]:
+        match decode_event(ev):
+            case ReplyStarted(turn_id):
+                self.gate.started(turn_id)
+            case ReplyDone(turn_id):
+                self.gate.done(turn_id)
+            case ReplyInterrupted(turn_id):  # stop playing it at once
+                self.gate.interrupted(turn_id)
+                self.buffer.cut(turn_id)
+                if self._playing == turn_id:
                     self._playing = None
         self.notify(ev)
 
@@ -289,118 +287,19 @@ class DesktopApp:
             self.buffer.write(turn, pcm.astype("<i2").tobytes())
             self._playing = turn
 
-    async def _report_playback(self) -> None:
-        """While a reply plays, tell the server every 200 ms how much of it was played; once
-        it has played out, say so locally (``desktop.played``). Runs until cancelled."""
-        while True:
-            await asyncio.sleep(PLAYBACK_EVERY_S)
-            turn = self._playing
-            if turn is None:
-                continue
-            played = round(self.buffer.played_ms(turn))
-            self._send({"type": "playback", "turn_id": turn, "played_ms": played})
-            if self.gate.active != turn and self.buffer.queued_ms(turn) == 0:
-                self._playing = None
-                self.notify({"type": PLAYED, "turn_id": turn, "played_ms": played})
+    def _played_now(self) -> tuple[int, int] | None:
+        """For the reporter: the reply playing (or still queued) and the ms of it played. Once
+        it has played out, the person is told here (``desktop.played``) and it is no longer
+        the reply playing."""
+        turn = self._playing
+        if turn is None:
+            return None
+        played = round(self.buffer.played_ms(turn))
+        if self.gate.active != turn and self.buffer.queued_ms(turn) == 0:
+            self._playing = None
+            self.notify(Played(turn, played).json())
+        return turn, played
 
-
-class LoopCommands:
-    """The window's commands, scheduled on the app's loop from the Tk thread."""
-
-    def __init__(self, app: DesktopApp, loop: asyncio.AbstractEventLoop) -> None:
-        self.app = app
-        self.loop = loop
-
-    def _call(self, fn: Callable[..., None], *args: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop has already closed
-            self.loop.call_soon_threadsafe(fn, *args)
-
-    def set_muted(self, muted: bool) -> None:
-        self._call(self.app.set_muted, muted)
-
-    def set_camera(self, on: bool) -> None:
-        self._call(self.app.set_camera, on)
-
-    def send_text(self, text: str) -> None:
-        self._call(self.app.send_text, text)
-
-    def interrupt(self) -> None:
-        self._call(self.app.interrupt)
-
-    def quit(self) -> None:
-        self._call(self.app.stop)
-
-
-def print_json(ev: JsonEvent) -> None:
-    """One JSON line on stdout, with the characters themselves; where stdout cannot encode
-    them (Chinese in a non-UTF-8 locale), with \\u escapes instead of failing."""
-    try:
-        print(json.dumps(ev, ensure_ascii=False), flush=True)
-    except UnicodeEncodeError:
-        print(json.dumps(ev), flush=True)
-
-
-def print_event(ev: JsonEvent) -> None:
-    """One JSON line per event (reply text deltas are left out: reply.done has the text); why
-    a connection failed or ended also goes to stderr, as an ``error:`` line."""
-    if ev.get("type") != "reply.text":
-        print_json(ev)
-    if ev.get("type") == CLOSED and ev.get("reason"):
-        print(f"error: {ev['reason']}", file=sys.stderr, flush=True)
-
-
-def put_latest(inbox: queue.Queue[JsonEvent], ev: JsonEvent) -> None:
-    """Queue an event for the window; when the queue is full (the window hangs), the oldest
-    event goes."""
-    try:
-        inbox.put_nowait(ev)
-    except queue.Full:
-        with contextlib.suppress(queue.Empty):
-            inbox.get_nowait()
-        inbox.put_nowait(ev)
-
-
-async def type_from_stdin(app: DesktopApp) -> None:
-    """Each line of standard input, a typed turn (headless ``--stdin``), until its end; a
-    line that comes while the app (re)connects is sent once it is connected."""
-    async for line in stdin_lines():
-        await app.until_connected()
-        app.send_text(line)
-
-
-async def run_headless(options: DesktopOptions) -> int:
-    """The app without a window: events printed, a summary line at the end. SIGINT and
-    SIGTERM end it cleanly; cancelling it closes everything the same way."""
-    state = DesktopState()
-
-    def notify(ev: JsonEvent) -> None:
-        state.apply(ev)
-        print_event(ev)
-
-    app = DesktopApp(options, notify)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, app.stop)
-    typing = asyncio.create_task(type_from_stdin(app)) if options.stdin else None
-    try:
-        code = await app.run()
-    finally:
-        if typing is not None:
-            typing.cancel()
-            await asyncio.wait([typing])
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-    print_json({"type": "desktop.exit", **state.summary()})
-    return code
-
-
-def main(options: DesktopOptions, *, headless: bool = False) -> int:
-    for path in (options.mic_file, options.camera):
-        if isinstance(path, Path) and not path.is_file():
-            print(f"error: {path} not found", file=sys.stderr)
-            return 2
-    if headless:
-        return asyncio.run(run_headless(options))
-    from client.desktop_window import run_window  # Tk only when there is a window
-
-    return run_window(options)
+    async def _send_report(self, report: JsonEvent) -> None:
+        if not self._send(report):
+            raise ConnectionError("not connected: the playback report waits")

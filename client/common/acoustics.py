@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import soxr
 
-from client.events import EventLog
-from client.ws_client import VoxlensClient
+from client.common.eventlog import EventLog
+from client.common.events import JsonEvent, ReplyInterrupted, decode_event
+from client.common.ws_client import VoxlensClient
 from streaming.audio import MODEL_RATE, Float32Array, float_to_pcm16, pcm16_to_float
 
 TICK = MODEL_RATE // 50  # 20 ms
@@ -117,8 +118,8 @@ async def live_microphone(client: EventLog, room: EchoRoom,
     client.on_audio = room.hear
     previous = client.on_event
 
-    def on_event(ev: dict[str, object]) -> None:
-        if ev.get("type") == "reply.interrupted":
+    def on_event(ev: JsonEvent) -> None:
+        if isinstance(decode_event(ev), ReplyInterrupted):
             room.stop_speaker()
         if previous is not None:
             previous(ev)

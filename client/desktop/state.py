@@ -1,6 +1,7 @@
 """The desktop app's logic without I/O: what the window shows (``DesktopState``, fed with
-protocol events and the app's own ``desktop.*`` events) and which frames of the continuous reply
-track belong to a reply (``ReplyGate``). Both are plain classes, unit-tested without a server."""
+protocol events and the app's own ``desktop.*`` events, client/desktop/events.py) and which
+frames of the continuous reply track belong to a reply (``ReplyGate``). Both are plain classes,
+unit-tested without a server."""
 
 from __future__ import annotations
 
@@ -11,18 +12,32 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from client.common.events import (
+    Error,
+    JsonEvent,
+    Metrics,
+    Ready,
+    ReplyDone,
+    ReplyInterrupted,
+    ReplyStarted,
+    ReplyText,
+    Scene,
+    SessionClosing,
+    Transcript,
+)
+from client.desktop.events import (
+    AppWarning,
+    CameraChanged,
+    Closed,
+    Muted,
+    Played,
+    Retrying,
+    Typed,
+    decode_desktop_event,
+)
+
 LOG_LINES = 200  # conversation lines the window keeps
 SILENT_PEAK = 64  # a reply frame quieter than this (of 32768) counts as silence
-
-# The app's own events (never on the wire), shown like the server's and printed in headless mode.
-TYPED = "desktop.typed"  # {text}: the person sent a typed turn
-PLAYED = "desktop.played"  # {turn_id, played_ms}: a reply's audio has finished playing here
-MUTED = "desktop.muted"  # {muted}
-CAMERA = "desktop.camera"  # {on}; {available: false} when there is no camera at all
-WARNING = "desktop.warning"  # {message}: something is missing, the app goes on without it
-CLOSED = "desktop.closed"  # {reason}: the connection is over
-RECONNECTING = "desktop.reconnecting"  # {message, reason, attempt, tries, wait_s}: the session
-# ended (the server restarts, the connection dropped); a new one is tried in wait_s seconds
 
 
 @dataclass
@@ -83,88 +98,89 @@ class DesktopState:
             self.caption_turn = turn_id
             self.reply = ""
 
-    def apply(self, ev: dict[str, Any]) -> None:
-        match ev.get("type"):
-            case "session.ready":
+    def apply(self, ev: JsonEvent) -> None:
+        """Take one event (the server's or the app's own, as JSON)."""
+        match decode_desktop_event(ev):
+            case Ready(models=models):
                 self.state = "listening"
-                self.models = " · ".join(str(m) for m in (ev.get("models") or {}).values())
+                self.models = " · ".join(models.values())
                 self.error = None
                 # a new session (after a reconnection) numbers its turns afresh
                 self.caption_turn = self.reply_turn = None
                 for earlier in self.log:
                     earlier.turn_id = None
-            case "session.closing":
-                self.state = "reconnecting" if ev.get("reconnect") else "disconnected"
-                self.error = ("The assistant is restarting; reconnecting…" if ev.get("reconnect")
-                              else ev.get("message") or "The server ended the session.")
-            case "transcript":
-                self._new_turn_caption(ev["turn_id"])
-                self.you, self.you_final = ev["text"], bool(ev["final"])
-                if ev["final"]:
-                    self.log.append(Line("you", ev["text"], ev["turn_id"]))
+            case SessionClosing(message=message, reconnect=reconnect):
+                self.state = "reconnecting" if reconnect else "disconnected"
+                self.error = ("The assistant is restarting; reconnecting…" if reconnect
+                              else message or "The server ended the session.")
+            case Transcript(turn_id, text, final):
+                self._new_turn_caption(turn_id)
+                self.you, self.you_final = text, final
+                if final:
+                    self.log.append(Line("you", text, turn_id))
                     self.state = "thinking"
-            case "reply.started":
+            case ReplyStarted(turn_id):
                 # the captions keep the words this reply answers (a typed turn's have no id yet)
-                if self.caption_turn is not None and ev["turn_id"] != self.caption_turn:
+                if self.caption_turn is not None and turn_id != self.caption_turn:
                     self.you = ""
-                self.caption_turn = ev["turn_id"]
-                self.reply_turn, self.reply = ev["turn_id"], ""
-                self.log.append(Line("assistant", "", ev["turn_id"]))
+                self.caption_turn = turn_id
+                self.reply_turn, self.reply = turn_id, ""
+                self.log.append(Line("assistant", "", turn_id))
                 self.state = "speaking"
-            case "reply.text":
-                line = self._reply_line(ev["turn_id"])
+            case ReplyText(turn_id, delta):
+                line = self._reply_line(turn_id)
                 if line is not None:
-                    line.text += ev["delta"]
-                if ev["turn_id"] == self.reply_turn:
-                    self.reply += ev["delta"]
-            case "reply.done":
-                line = self._reply_line(ev["turn_id"])
+                    line.text += delta
+                if turn_id == self.reply_turn:
+                    self.reply += delta
+            case ReplyDone(turn_id, text):
+                line = self._reply_line(turn_id)
                 if line is not None:
-                    line.text = ev["text"]
-                if ev["turn_id"] == self.reply_turn:
-                    self.reply = ev["text"]
-            case "reply.interrupted":
+                    line.text = text
+                if turn_id == self.reply_turn:
+                    self.reply = text
+            case ReplyInterrupted(turn_id, heard_text=heard):
                 # the history keeps what the person heard; so does the window
-                line = self._reply_line(ev["turn_id"])
+                line = self._reply_line(turn_id)
                 if line is not None:
-                    line.text, line.interrupted = ev["heard_text"], True
-                if ev["turn_id"] == self.reply_turn:
-                    self.reply = ev["heard_text"]
+                    line.text, line.interrupted = heard, True
+                if turn_id == self.reply_turn:
+                    self.reply = heard
                     if self.state == "speaking":
                         self.state = "listening"
-            case "metrics":
-                self.latency_ms = ev["stages"].get("first_audio_sent")
-            case "scene":
-                self.scene = ev["text"]
-            case "error":
-                self.error = plain_error(ev.get("code", ""), ev.get("message", ""))
-                if ev.get("fatal"):
+            case Metrics(stages=stages):
+                self.latency_ms = stages.get("first_audio_sent")
+            case Scene(text=text):
+                self.scene = text
+            case Error(code=code, message=message, fatal=fatal):
+                self.error = plain_error(code, message)
+                if fatal:
                     self.state = "error"
-            case "desktop.typed":
+            case Typed(text):
                 self._new_turn_caption(None)
-                self.you, self.you_final = ev["text"], True
-                self.log.append(Line("you", ev["text"]))
+                self.you, self.you_final = text, True
+                self.log.append(Line("you", text))
                 self.state = "thinking"
-            case "desktop.played":
-                if ev["turn_id"] == self.reply_turn and self.state == "speaking":
+            case Played(turn_id):
+                if turn_id == self.reply_turn and self.state == "speaking":
                     self.state = "listening"
-            case "desktop.muted":
-                self.muted = bool(ev["muted"])
-            case "desktop.camera":
-                self.camera_available = bool(ev.get("available", True))
-                self.camera_on = bool(ev.get("on", False)) and self.camera_available
-            case "desktop.warning":
-                if ev["message"] in self.warnings:
-                    self.warnings.remove(ev["message"])
-                self.warnings.append(ev["message"])
-            case "desktop.reconnecting":
+            case Muted(muted):
+                self.muted = muted
+            case CameraChanged(on, available):
+                self.camera_available = available
+                self.camera_on = on and available
+            case AppWarning(message):
+                if message in self.warnings:
+                    self.warnings.remove(message)
+                self.warnings.append(message)
+            case Retrying(message=message):
                 self.state = "reconnecting"
-                self.error = ev["message"][:1].upper() + ev["message"][1:]
-            case "desktop.closed":
+                self.error = message[:1].upper() + message[1:]
+            case Closed(reason):
                 if self.state != "error":
                     self.state = "disconnected"
-                if ev.get("reason"):
-                    self.error = ev["reason"]
+                if reason:
+                    self.error = reason
             case _:
                 return  # speech.started/stopped and the rest change nothing shown
         self.version += 1

@@ -1,6 +1,7 @@
 """The desktop app's sound: the microphone track (a device through sounddevice, or a WAV file
-queued on it), and reply audio played out of a thread-safe buffer by the speaker's callback
-(PortAudio's thread) or, with ``--record``, by a thread that writes it to a WAV in real time.
+queued on it), and reply audio played out of the shared playback buffer
+(client/common/playback.py) by the speaker's callback (PortAudio's thread) or, with
+``--record``, by a thread that writes it to a WAV in real time.
 
 sounddevice is imported only when a device is opened: file mode and tests need no PortAudio.
 """
@@ -8,7 +9,6 @@ sounddevice is imported only when a device is opened: file mode and tests need n
 from __future__ import annotations
 
 import asyncio
-import collections
 import importlib
 import threading
 import time
@@ -16,12 +16,12 @@ import wave
 from pathlib import Path
 from typing import Any
 
-from client.rtc_client import RATE, MicrophoneTrack
+from client.common.playback import PlaybackBuffer
+from client.common.rtc_client import RATE, MicrophoneTrack
 
 FRAME_MS = 20
 FRAME_BYTES = RATE * FRAME_MS // 1000 * 2  # s16 mono
 MIC_BUFFER_MS = 200  # device audio waiting for the track; older audio is dropped beyond this
-KEEP_TURNS = 8  # played_ms is remembered for this many recent replies
 
 
 class AudioDeviceError(RuntimeError):
@@ -80,74 +80,6 @@ class MicrophoneDevice:
         self._stream.close()
 
 
-class PlaybackBuffer:
-    """Reply audio waiting to be played: written on the loop, read by the output's thread.
-
-    Counts what was played of each reply, drops a reply's unplayed audio when it is cut
-    (``reply.interrupted``), and holds at most ``max_ms`` (the oldest audio goes first: the
-    reply track is real time, so only a stalled output fills it).
-    """
-
-    def __init__(self, rate: int = RATE, max_ms: int = 3000) -> None:
-        self.rate = rate
-        self._max_bytes = rate * 2 * max_ms // 1000
-        self._lock = threading.Lock()
-        self._queue: collections.deque[tuple[int, bytearray]] = collections.deque()
-        self._queued = 0
-        self._played: dict[int, int] = {}  # turn → bytes played
-
-    def _ms(self, n: int) -> float:
-        return n / 2 * 1000 / self.rate
-
-    def write(self, turn_id: int, pcm: bytes) -> None:
-        with self._lock:
-            if self._queue and self._queue[-1][0] == turn_id:
-                self._queue[-1][1].extend(pcm)
-            else:
-                self._queue.append((turn_id, bytearray(pcm)))
-            self._queued += len(pcm)
-            while self._queued > self._max_bytes:
-                _, seg = self._queue[0]
-                drop = min(len(seg), self._queued - self._max_bytes)
-                del seg[:drop]
-                self._queued -= drop
-                if not seg:
-                    self._queue.popleft()
-
-    def read(self, max_bytes: int) -> bytes:
-        """Up to ``max_bytes`` to play now, all of one reply (b"" when nothing is queued)."""
-        with self._lock:
-            if not self._queue:
-                return b""
-            turn_id, seg = self._queue[0]
-            chunk = bytes(seg[:max_bytes])
-            del seg[:max_bytes]
-            if not seg:
-                self._queue.popleft()
-            self._queued -= len(chunk)
-            if turn_id not in self._played:
-                self._played[turn_id] = 0
-                while len(self._played) > KEEP_TURNS:
-                    del self._played[next(iter(self._played))]
-            self._played[turn_id] += len(chunk)
-            return chunk
-
-    def cut(self, turn_id: int) -> None:
-        """Drop the reply's audio not played yet."""
-        with self._lock:
-            for seg in [s for s in self._queue if s[0] == turn_id]:
-                self._queue.remove(seg)
-                self._queued -= len(seg[1])
-
-    def played_ms(self, turn_id: int) -> float:
-        with self._lock:
-            return self._ms(self._played.get(turn_id, 0))
-
-    def queued_ms(self, turn_id: int) -> float:
-        with self._lock:
-            return self._ms(sum(len(s) for t, s in self._queue if t == turn_id))
-
-
 class Output:
     """Where played reply audio goes; ``close`` stops it and joins its thread."""
 
@@ -198,9 +130,7 @@ class SpeakerOutput(Output):
         sd = sounddevice()
 
         def play(outdata: Any, frames: int, t: Any, status: Any) -> None:
-            chunk = buffer.read(frames * 2)
-            outdata[:len(chunk)] = chunk
-            outdata[len(chunk):] = bytes(frames * 2 - len(chunk))
+            outdata[:] = buffer.fill(frames * 2)
 
         try:
             self._stream = sd.RawOutputStream(samplerate=buffer.rate, channels=1, dtype="int16",
