@@ -18,6 +18,27 @@ person's words, AEC3 takes them for echo and erases them (-25 dB, no voice left)
 Measured (bench/README.md): ~27 dB echo removed at
 80 ms / -6 dB with room reflections, the person's own speech kept.
 
+Late microphone audio. Lockstep pairs each reply chunk with the microphone audio *processed*
+after it was sent, which is the audio *captured* after it played only while the server takes
+the microphone in on time. An overloaded server does not: its event loop is held up for
+0.1-0.8 s, often just as TTS finishes a chunk (2 cores, 6 busy loops beside the server), the
+microphone audio waits in the transport meanwhile and comes in a burst afterwards, and the
+chunk sent at the same wake-up was paired with that backlog, captured before it played. Each
+time the reply resumed after a TTS gap, the echo's lag grew by the backlog of that moment
+(recorded runs of tests/e2e/test_mqtt.py's speaker without echo cancellation: 150 ms with the
+server on time, then 200, 290 and 170 ms after the next chunks; 1.06 s after a chunk sent at
+the end of a 0.8 s hold-up), and the burst was taken for a restart of the microphone stream,
+which dropped reference audio still to come back as echo. AEC3 lost the echo, and
+``voice_beyond_echo_ms``, predicting it at the lag measured before, counted its onsets as a
+person's voice: the reply cut itself off. So the reference keeps to the wall clock: reply
+audio sent after the client ran out of it is paired only with microphone audio captured
+after it was sent (the stream's own clock, ``_mic_at``, says when: it runs on with the audio,
+behind the wall clock while a backlog lasts), after as much silence as the reference still
+queued. A gap in the microphone stream is a restart only when the server sent reply audio
+during it (it was running, and no audio came) or when the stream has not caught up after
+``STALL_S``; otherwise its audio is a backlog, in lockstep with the reference
+(tests/unit/test_echo_gaps.py).
+
 Alignment. AEC3 only cancels echo that comes *after* its reference, by at most about
 half a second (bench/echo.py: an echo in the same 10 ms frame as its reference, or earlier,
 keeps all but 2-5 dB; 5-400 ms later loses 25-30 dB; 600 ms and more fails again). The FIFO
@@ -52,9 +73,14 @@ from streaming.audio import MODEL_RATE, Float32Array, float_to_pcm16, pcm16_to_f
 
 FRAME = MODEL_RATE // 100  # AEC3 works on 10 ms frames
 IDLE_AFTER_FRAMES = 200  # 2 s without reply audio: the echo tail is gone, pass audio through
-# Microphone audio this much later than the stream's own pace is a restart (the client sent
-# nothing meanwhile), not network jitter, which the FIFO absorbs.
+# Microphone audio this much later than the stream's own pace comes after a gap, not network
+# jitter (which the FIFO absorbs): a restart (the client sent nothing meanwhile) when reply
+# audio went out at least QUIET_S after the audio before the gap and QUIET_S before the audio
+# after it, or when the stream has not caught up with the wall clock after STALL_S; else a
+# backlog (this server took the audio in late).
 RESTART_S = 0.25
+QUIET_S = 0.1
+STALL_S = 1.0
 # On a restart, reply audio that finished playing this long before the microphone audio
 # arrived is kept: the client's capture and network latency, and the room's echo tail.
 ECHO_TAIL_S = 0.25
@@ -99,13 +125,19 @@ class EchoCanceller:
         self._apm = rtc.AudioProcessingModule(echo_cancellation=True)
         self._to_model = (None if output_rate == MODEL_RATE else
                           soxr.ResampleStream(output_rate, MODEL_RATE, 1, dtype="float32"))
-        self._max_render = MODEL_RATE * max_lead_ms // 1000
+        # the reply audio sent ahead, and the microphone audio a backlog keeps it waiting for
+        self._max_render = MODEL_RATE * max_lead_ms // 1000 + round(STALL_S * MODEL_RATE)
         self._render = np.zeros(0, dtype=np.float32)
+        # wall time the FIFO's head plays, until microphone audio captured then takes it
+        self._render_from: float | None = None
         self._mic = np.zeros(0, dtype=np.float32)
         self._idle = IDLE_AFTER_FRAMES  # frames since the last reply audio
         self._held = np.zeros(FRAME, dtype=np.float32)  # the microphone frame held back
         self._render_end = 0.0  # wall time when the reply audio sent so far has played
         self._mic_at: float | None = None  # wall time the microphone stream has reached
+        self._heard_at = 0.0  # wall time the latest microphone audio came
+        self._sent_at: float | None = None  # reply audio sent QUIET_S after that, first
+        self._behind_since: float | None = None  # the stream behind by RESTART_S since then
         # the last 10 ms frames as they were (microphone in, reference on schedule), their
         # band log-energies computed in batches when needed (one FFT call for many frames)
         self._raw = np.zeros((2, HISTORY_FRAMES, FRAME), dtype=np.float32)
@@ -117,11 +149,26 @@ class EchoCanceller:
 
     def played(self, pcm: bytes) -> None:
         """Reply audio (s16le mono at the output rate) as it leaves for the client."""
+        now = self._clock()
         x = pcm16_to_float(pcm)
         if self._to_model is not None:
             x = np.asarray(self._to_model.resample_chunk(x), dtype=np.float32)
-        self._render = np.concatenate([self._render, x])[-self._max_render:]
-        self._render_end = max(self._render_end, self._clock()) + x.size / MODEL_RATE
+        if self._mic_at is not None and self._sent_at is None and now - self._heard_at >= QUIET_S:
+            self._sent_at = now
+        queued = x
+        if now > self._render_end:  # the client ran out of reply audio before this came
+            if self._render.size:  # the microphone audio of then is still to come: silence
+                silence = np.zeros(round((now - self._render_end) * MODEL_RATE), np.float32)
+                queued = np.concatenate([silence, x])
+            else:  # it plays from now on: not in microphone audio captured before
+                self._render_from = now
+        self._render = np.concatenate([self._render, queued])
+        excess = self._render.size - self._max_render
+        if excess > 0:
+            self._render = self._render[excess:]
+            if self._render_from is not None:
+                self._render_from += excess / MODEL_RATE
+        self._render_end = max(self._render_end, now) + x.size / MODEL_RATE
         self._idle = 0
 
     def forget_unplayed(self) -> None:
@@ -129,22 +176,44 @@ class EchoCanceller:
         reaches the room, so it must not stay in the reference either (it would misalign the
         next reply's echo by as much)."""
         self._render = np.zeros(0, dtype=np.float32)
+        self._render_from = None
         self._render_end = min(self._render_end, self._clock())
 
     def capture(self, mic: Float32Array) -> Float32Array:
         """16 kHz mono microphone audio with the reply's echo removed (10-20 ms held back)."""
         now = self._clock()
-        if self._mic_at is None or now - self._mic_at > RESTART_S:
+        if self._restarts(now):
             self._drop_played(now)
             self._mic_at = now
+            self._behind_since = None
+        assert self._mic_at is not None
+        self._heard_at, self._sent_at = now, None
         # a client sending faster than real time is not ahead of the wall clock by more than
         # this message, else a real pause after it would go unnoticed
-        self._mic_at = min(self._mic_at, now) + mic.size / MODEL_RATE
+        at = min(self._mic_at, now)  # when this audio was captured, on the stream's clock
+        self._mic_at = at + mic.size / MODEL_RATE
+        at -= self._mic.size / MODEL_RATE  # the part of a frame held from the last message
         self._mic = np.concatenate([self._mic, mic]) if self._mic.size else mic
         n = self._mic.size // FRAME
-        out = [self._frame(self._mic[k * FRAME:(k + 1) * FRAME]) for k in range(n)]
+        out = [self._frame(self._mic[k * FRAME:(k + 1) * FRAME], at + k * FRAME / MODEL_RATE)
+               for k in range(n)]
         self._mic = self._mic[n * FRAME:]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def _restarts(self, now: float) -> bool:
+        """Whether the microphone stream (re)starts now: its first audio, or audio after a gap
+        in which the client sent none. Not audio this server takes in late (its event loop was
+        held up: the audio waited in the transport and comes in a burst), which was captured
+        while the reply audio then due played (module docstring, "Late microphone audio")."""
+        if self._mic_at is None:
+            return True
+        if now - self._mic_at <= RESTART_S:
+            self._behind_since = None
+            return False
+        if self._behind_since is None:
+            self._behind_since = now
+        sent_meanwhile = self._sent_at is not None and now - self._sent_at >= QUIET_S
+        return sent_meanwhile or now - self._behind_since > STALL_S
 
     def _drop_played(self, now: float) -> None:
         """The microphone stream (re)starts now: reply audio that had finished playing
@@ -154,9 +223,10 @@ class EchoCanceller:
         if stale > 0:
             self._render = self._render[stale:]
 
-    def _frame(self, mic: Float32Array) -> Float32Array:
+    def _frame(self, mic: Float32Array, at: float) -> Float32Array:
         """One 10 ms frame through AEC3: the reference frame due now, with the microphone frame
-        before this one (held back one frame: the reference leads the echo by 10 ms more)."""
+        before this one (held back one frame: the reference leads the echo by 10 ms more).
+        ``at``: when the new frame was captured (the FIFO's head waits for its wall time)."""
         mic, self._held = self._held, mic
         k = self.frames % HISTORY_FRAMES
         self.frames += 1
@@ -165,8 +235,12 @@ class EchoCanceller:
             self._raw[REF, k] = 0.0
             self._active[k] = False
             return mic
-        ref = self._render[:FRAME]
-        self._render = self._render[FRAME:]
+        if self._render_from is not None and at < self._render_from:
+            ref = np.zeros(0, dtype=np.float32)  # captured before the queued reply audio played
+        else:
+            self._render_from = None
+            ref = self._render[:FRAME]
+            self._render = self._render[FRAME:]
         if ref.size == FRAME:
             self._idle = 0
         else:
@@ -191,7 +265,12 @@ class EchoCanceller:
         on the frames around it where the reference was loud; a frame counts when the input
         is ``EXCESS_DB`` above that prediction plus the room's noise. It uses the input, not
         AEC3's output, so it holds whether or not AEC3 could cancel the echo. None when no
-        reply audio was sounding there (nothing to tell apart)."""
+        reply audio was sounding there (nothing to tell apart).
+
+        The lag is the one last measured, or the one the input follows best over these frames
+        where that leaves less beyond the echo: the lag moves by a frame or two where the reply
+        resumes after a pause (the client plays in 20 ms steps), the last measurement can be
+        from before, and 20 ms off the echo's onsets count (tests/unit/test_echo_gaps.py)."""
         self._update_envelopes()
         end = min(end, self.frames)
         oldest = max(self.frames - HISTORY_FRAMES + MAX_LAG_FRAMES + SMEAR_FRAMES, 0)
@@ -199,10 +278,14 @@ class EchoCanceller:
         first = max(start - FIT_FRAMES, oldest)  # the fit also sees the echo before the sound
         if end - start < 1:
             return None
-        lag = (self.echo_lag if self.echo_lag is not None
-               else self._best_lag(first, min(end, self.frames + MIN_LAG_FRAMES)))
-        if lag is None:
-            return None
+        lags = {self.echo_lag, self._best_lag(first, min(end, self.frames + MIN_LAG_FRAMES))}
+        found = [n for lag in lags if lag is not None
+                 and (n := self._beyond_ms(first, start, end, lag)) is not None]
+        return min(found) if found else None
+
+    def _beyond_ms(self, first: int, start: int, end: int, lag: int) -> int | None:
+        """``voice_beyond_echo_ms`` over ``start``..``end`` at this lag, its echo path fitted
+        from ``first`` on."""
         frames = np.arange(first, end)
         heard = 10.0 ** self._env[IN, frames % HISTORY_FRAMES]  # frame x band power
         # the reference that can be echoed in each frame: from SMEAR_PRE frames after the

@@ -207,10 +207,6 @@ async def test_spoken_question_gets_transcript_and_reply_audio(  # type: ignore[
     assert "paris" in heard.lower(), heard
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known flake, 2026-11-27: in two fresh-clone runs of the whole suite the echo of this loud "
-    "reply (-3 dB, 120 ms late) was heard as a person's words after 7 s and cut it; it passes "
-    "alone and in the local full run; the cause is not found yet (issue notes, fifth session)"))
 async def test_a_speaker_without_echo_cancellation_never_interrupts_itself(
         mqtt_server: Server, broker: Broker) -> None:
     """A smart speaker streams its microphone all along and plays the reply as it arrives,
