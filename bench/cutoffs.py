@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bench.latency import QUESTIONS_ZH, english_questions, pct
-from client.wavio import last_voiced_sample
+from client.common.wavio import last_voiced_sample
 from pipelines.compute import Compute, Priority
 from pipelines.engines.base import Vad, VadStream
 from pipelines.listener import Listener
@@ -77,9 +77,11 @@ SPLIT_ZH = [
     ("我给她打了电话但是，", "她没有接。"),
 ]
 POLICIES = {  # the server's settings for each endpoint policy
-    "fixed": ("fixed 500 ms", {"adaptive_endpoint": False}),
+    "fixed": ("fixed 500 ms", {"adaptive": False}),
     "rules": ("rules (default)", {}),
     "smart-turn": ("rules + smart-turn", {"turn_model": "smart-turn"}),
+    "zh-800": ("rules, zh 800 ms", {"zh_statement_silence_ms": 800}),
+    "zh-1000": ("rules, zh 1000 ms", {"zh_statement_silence_ms": 1000}),
 }
 LEAD_S, TAIL_S = 0.5, 1.5  # silence before the voice and after it
 NOISE_RMS = 0.001  # -60 dBFS
@@ -290,13 +292,13 @@ async def run(policies: list[str], languages: list[str], sentences: int, pauses:
     try:
         # the server's engines (LLM and vision not needed: not loaded), smart-turn included
         settings = load_settings(llm={"engine": "openai"}, vision={"engine": "none"},
-                                 vad={"turn_model": "smart-turn"})
+                                 endpoint={"turn_model": "smart-turn"})
         engines = await asyncio.to_thread(build_engines, settings, compute)
         todo = await clips(engines, languages, sentences, pauses)
         configs = {}
         for name in policies:
-            s = load_settings(vad=POLICIES[name][1])
-            configs[name] = (session_config(s), s.vad.turn_model == "smart-turn")
+            s = load_settings(endpoint=POLICIES[name][1])
+            configs[name] = (session_config(s), s.endpoint.turn_model == "smart-turn")
         print(f"{len(todo)} clips ({sum(c.audio.size for c in todo) / MODEL_RATE:.0f} s of audio) "
               f"per policy; ASR {engines.asr.name}", file=sys.stderr)
         for lang in languages:  # warm every path once (not counted)

@@ -32,7 +32,7 @@ from pipelines import models
 from pipelines.compute import Compute
 from pipelines.engines.base import ChatMessage, Sampling, ToolCall, ToolSpec
 from pipelines.engines.llm_llama import LlamaLlm
-from pipelines.session import DEFAULT_SYSTEM_PROMPT
+from pipelines.prompt import DEFAULT_SYSTEM_PROMPT
 
 TOOLS = [
     ToolSpec("get_time", "Get the current local time."),

@@ -15,21 +15,22 @@ import numpy as np
 
 from pipelines.compute import Priority
 from pipelines.engines.base import Asr, ChatMessage
+from pipelines.prompt import LANGUAGE_HINTS, fixed_system_prompt
 from pipelines.segmenter import End, Segmenter
-from pipelines.session import LANGUAGE_HINTS, Engines, SessionConfig, fixed_system_prompt
+from pipelines.session import Engines, SessionConfig
 from streaming.audio import Float32Array, float_to_pcm16, resample
 from streaming.channels import Channel
 from streaming.events import (
     AudioFormat,
     Event,
     Metrics,
-    ReplyAudio,
     ReplyDone,
     ReplyStarted,
     ReplyText,
     SessionReady,
     Transcript,
 )
+from streaming.playout import Playout
 
 
 class NaiveSession:
@@ -40,6 +41,7 @@ class NaiveSession:
         self.asr = asr or engines.asr
         self.config = config
         self.events: Channel[Event] = Channel(512)
+        self.playout = Playout(config.output_rate)  # no room limit taken: the whole reply at once
         self._vad = engines.vad.new_stream()
         self._seg = Segmenter(config.listener.segmenter, engines.vad.frame_samples)
         self._pending = np.zeros(0, dtype=np.float32)
@@ -58,7 +60,7 @@ class NaiveSession:
     def submit_text(self, text: str) -> None:
         raise NotImplementedError("the naive baseline takes speech only")
 
-    def attach_playout(self, playout: object) -> None:
+    def attach_echo(self, meter: object) -> None:
         pass  # no barge-in: the baseline talks until it is done
 
     def interrupt(self) -> None:
@@ -112,12 +114,11 @@ class NaiveSession:
             pcm = float_to_pcm16(resample(audio_out, e.tts.sample_rate, self.config.output_rate))
             await self.events.put(ReplyStarted(turn))
             await self.events.put(ReplyText(turn, text))
-            piece = self.config.output_rate * 2 // 10
-            for k in range(0, len(pcm), piece):
-                await self.events.put(ReplyAudio(turn, pcm[k:k + piece]))
+            self.playout.put(turn, pcm)
             t_sent = time.monotonic()
-            await self.events.put(ReplyDone(turn, text))
             ms = {k: (v - speech_end) * 1000 for k, v in
                   {"transcript_final": t_asr, "llm_done": t_llm, "tts_done": t_tts,
                    "first_audio_sent": t_sent}.items()}
-            await self.events.put(Metrics(turn, ms))
+            for event in (ReplyDone(turn, text), Metrics(turn, ms)):
+                if not self.playout.after_audio(turn, event):
+                    await self.events.put(event)

@@ -63,6 +63,9 @@ class BargeInConfig:
     # with server-side echo cancellation, a sound over the reply is the person's only when
     # it was louder than the reply's echo can be for this long (streaming/echo.py)
     voice_beyond_echo_ms: int = 50
+    # audio sent but not yet heard at a client that does not report playback (its jitter
+    # buffer): what the person heard of a cut reply is estimated with it
+    client_buffer_ms: int = 100
     backchannels: dict[str, frozenset[str]] = field(default_factory=lambda: dict(BACKCHANNELS))
 
 

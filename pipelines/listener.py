@@ -36,7 +36,7 @@ from pipelines.bargein import endpoint_silence_ms
 from pipelines.compute import Dropped, Priority
 from pipelines.engines.base import Asr, AsrResult, EndOfTurn, Vad
 from pipelines.segmenter import End, Noise, Onset, Pause, Resume, Segmenter, SegmenterConfig, Voice
-from pipelines.text import ZH_PROMPT
+from pipelines.text import ZH_PROMPT, main_script
 from pipelines.text import words as text_words
 from streaming.audio import MODEL_RATE, Float32Array
 from streaming.channels import Channel
@@ -95,6 +95,12 @@ class EndpointConfig:
     adaptive: bool = True
     question_ms: int = 350
     incomplete_ms: int = 1100
+    # the normal silence of Mandarin (an utterance known to be Mandarin, or Mandarin words
+    # that neither ask nor trail off): its transcript comes too late for the text rules and
+    # Whisper mishears the trailing word of a speaker who pauses (因为 → 英雄): 9 of 10
+    # cut off at 700 ms pauses with 500 ms, 0 of 10 with 800 (bench/cutoffs.py); None: the
+    # segmenter's silence_ms
+    zh_statement_ms: int | None = 800
     complete_ms: int = 200
     turn_threshold: float = 0.5
 
@@ -329,10 +335,22 @@ class Listener:
         e = self.config.endpoint
         if e.adaptive and self._utt is not None:
             self._utt.text_ms = endpoint_silence_ms(
-                text, question_ms=e.question_ms, normal_ms=self.config.segmenter.silence_ms,
+                text, question_ms=e.question_ms, normal_ms=self._normal_ms(self._utt, text),
                 incomplete_ms=e.incomplete_ms)
             self._utt.text_until = until
             self._set_endpoint(self._utt)
+
+    def _normal_ms(self, utt: _Utterance, text: str = "") -> int:
+        """The silence that ends words that neither ask nor trail off: longer for Mandarin
+        (known from the session, the first partial or the words themselves) with
+        ``zh_statement_ms``, from the first silent frame on: the transcript that could
+        tell a pause from an end comes too late for the normal silence (Whisper base takes
+        ~400 ms for a short Mandarin clip on 2 cores, bench/cutoffs.py)."""
+        e = self.config.endpoint
+        if e.adaptive and e.zh_statement_ms is not None and (
+                utt.language == "zh" or main_script(text) == "han"):
+            return e.zh_statement_ms
+        return self.config.segmenter.silence_ms
 
     def _set_endpoint(self, utt: _Utterance) -> None:
         """The silence that ends the utterance now: the transcript's rule (else the normal
@@ -341,8 +359,7 @@ class Listener:
         (a partial, then more speech) says nothing about how they ended: normal silence."""
         e = self.config.endpoint
         stale = self._last_voiced - utt.text_until > STALE_TEXT_MS * MODEL_RATE // 1000
-        ms = (utt.text_ms if utt.text_ms is not None and not stale
-              else self.config.segmenter.silence_ms)
+        ms = utt.text_ms if utt.text_ms is not None and not stale else self._normal_ms(utt)
         if utt.finished and ms < e.incomplete_ms:
             ms = min(ms, e.complete_ms)
         self._seg.silence_ms = ms

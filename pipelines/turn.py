@@ -1,11 +1,13 @@
-"""One assistant reply: LLM stream → chunker → TTS per chunk → reply events, in order."""
+"""One assistant reply: LLM stream → chunker → TTS per chunk → reply events and audio, in
+order (the audio into the session's playout, the events into its channel)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pipelines.bargein import CUT_MARK
 from pipelines.chunker import Chunker
@@ -19,14 +21,20 @@ from streaming.conversation import ReplyOptions
 from streaming.events import (
     Event,
     Metrics,
-    ReplyAudio,
     ReplyDone,
     ReplyStarted,
     ReplyText,
     ToolCallRequested,
 )
+from streaming.playout import Playout
 
 AUDIO_PIECE_MS = 100  # reply audio goes out in pieces of this length
+
+
+class _Audio(NamedTuple):
+    """A piece of the reply's audio (s16le mono at the output rate), in the turn's outbox."""
+
+    pcm: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +53,8 @@ class SpokenChunk:
 class Turn:
     """A reply that may be prepared before it is *released* (speculation at the endpoint).
 
-    Nothing reaches the session's event channel before ``release``; a turn
-    cancelled before release has said nothing.
+    Nothing reaches the session's event channel or playout before ``release``; a
+    turn cancelled before release has said nothing.
     """
 
     turn_id: int
@@ -55,6 +63,7 @@ class Turn:
     llm: Llm
     tts: Tts
     events: Channel[Event]
+    playout: Playout  # where the reply audio goes (the transport drains it)
     output_rate: int
     config: TurnConfig = field(default_factory=TurnConfig)
     clock: Callable[[], float] = time.monotonic
@@ -72,7 +81,6 @@ class Turn:
     marks: dict[str, float] = field(default_factory=dict)
     heard: str | None = None  # set when interrupted: the part of the reply the person heard
     reply_item: Item | None = None  # its entry in the history, once it has one
-    audio_room: Callable[[], Awaitable[None]] | None = None  # waits while the playout is full
     options: ReplyOptions = field(default_factory=ReplyOptions)
     tools: Sequence[ToolSpec] = ()  # offered to the LLM
     server_tools: frozenset[str] = frozenset()  # run by the server: not the client's to call
@@ -113,7 +121,7 @@ class Turn:
         Cancelling it stops the LLM (before its next token) and drops queued TTS
         work; events already handed to the session's channel stay there.
         """
-        outbox: Channel[ReplyText | ReplyAudio] = Channel(256)
+        outbox: Channel[ReplyText | _Audio] = Channel(256)
         chunks: Channel[str] = Channel(32)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._generate(outbox, chunks))
@@ -131,7 +139,7 @@ class Turn:
                                session=self.session_id, tools=tools,
                                sampling=Sampling(o.temperature, o.tool_choice))
 
-    async def _generate(self, outbox: Channel[ReplyText | ReplyAudio], chunks: Channel[str]) -> None:
+    async def _generate(self, outbox: Channel[ReplyText | _Audio], chunks: Channel[str]) -> None:
         chunker = Chunker(self.config.first_chunk_words)
         deltas = self._deltas()
         try:
@@ -152,7 +160,7 @@ class Turn:
             await _aclose(deltas)  # stops generation now, not when the generator is collected
             chunks.close()
 
-    async def _speak(self, chunks: Channel[str], outbox: Channel[ReplyText | ReplyAudio]) -> None:
+    async def _speak(self, chunks: Channel[str], outbox: Channel[ReplyText | _Audio]) -> None:
         first = True
         piece = self.output_rate * AUDIO_PIECE_MS // 1000
         try:
@@ -167,12 +175,12 @@ class Turn:
                 self._mark("tts_first_audio")
                 audio = resample(audio, self.tts.sample_rate, self.output_rate)
                 for k in range(0, audio.size, piece):
-                    await outbox.put(ReplyAudio(self.turn_id, float_to_pcm16(audio[k:k + piece])))
+                    await outbox.put(_Audio(float_to_pcm16(audio[k:k + piece])))
                 self.spoken.append(SpokenChunk(chunk, audio.size * 1000 / self.output_rate))
         finally:
             outbox.close()
 
-    async def _emit(self, outbox: Channel[ReplyText | ReplyAudio]) -> None:
+    async def _emit(self, outbox: Channel[ReplyText | _Audio]) -> None:
         await self.released.wait()
         await self.events.put(ReplyStarted(self.turn_id))
         while True:
@@ -180,11 +188,12 @@ class Turn:
                 item = await outbox.get()
             except ChannelClosed:
                 break
-            if isinstance(item, ReplyAudio):
-                if self.audio_room is not None:
-                    await self.audio_room()
+            if isinstance(item, _Audio):
+                await self.playout.room()
                 self._mark("first_audio_sent")
-            await self.events.put(item)
+                self.playout.put(self.turn_id, item.pcm)
+            else:
+                await self.events.put(item)
         for call in self.calls:  # after the words that led to them
             if call.name not in self.server_tools:
                 await self.events.put(ToolCallRequested(self.turn_id, call.call_id, call.name,
@@ -194,8 +203,10 @@ class Turn:
         stages = {k: (v - base) * 1000 for k, v in self.marks.items()}
         if self.on_metrics is not None:
             self.on_metrics(stages)
-        await self.events.put(Metrics(self.turn_id, stages))
-        await self.events.put(ReplyDone(self.turn_id, self.text.strip()))  # the turn's last event
+        # the turn's last events, after its last audio
+        for event in (Metrics(self.turn_id, stages), ReplyDone(self.turn_id, self.text.strip())):
+            if not self.playout.after_audio(self.turn_id, event):
+                await self.events.put(event)
 
 
 async def _said(text: str) -> AsyncIterator[str | ToolCall]:

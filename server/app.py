@@ -21,7 +21,7 @@ from pipelines.compute import Compute, Priority
 from pipelines.session import Engines, Session
 from server.auth import AUTH, CREDENTIAL, Auth, guard, tokens
 from server.engines import build_engines, session_config
-from server.limits import client_of, expire_session
+from server.limits import client_of
 from server.model_api import setup_model_api
 from server.mqtt import MQTT, setup_mqtt
 from server.rtc import offer, setup_webrtc, webrtc_config
@@ -97,22 +97,14 @@ async def _socket_session(request: web.Request, transport: str, max_msg_size: in
         return ws
     log.info("session %s opened over %s (%s)", session.session_id, transport, request.remote)
     try:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(session.run())
-            expiry = tg.create_task(expire_session(session, state.settings.limits))
-            try:
-                await adapter(ws, session)
-            finally:
-                expiry.cancel()
+        await state.serve(session, adapter(ws, session))
     except Exception:  # a bug in this transport: this client alone is told, and closed
         log.exception("session %s: the %s transport failed", session.session_id, transport)
         with contextlib.suppress(Exception):
             await tell(ws, Error("internal", "the session failed and was closed", True))
         await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal")
     finally:
-        state.forget(session)
         await ws.close()
-        log.info("session %s closed", session.session_id)
     return ws
 
 
@@ -122,7 +114,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     b = state.settings.bargein
 
     async def run(ws: web.WebSocketResponse, session: Session) -> None:
-        await WebSocketAdapter(ws, session, lead_ms=b.lead_ms, client_buffer_ms=b.client_buffer_ms,
+        await WebSocketAdapter(ws, session, lead_ms=b.lead_ms,
                                limits=state.limits.message_limits()).run()
 
     async def tell(ws: web.WebSocketResponse, error: Error) -> None:
@@ -140,7 +132,6 @@ async def realtime(request: web.Request) -> web.StreamResponse:
 
     async def run(ws: web.WebSocketResponse, session: Session) -> None:
         await RealtimeAdapter(ws, session, model=model, beta=beta, lead_ms=b.lead_ms,
-                              client_buffer_ms=b.client_buffer_ms,
                               limits=state.limits.message_limits()).run()
 
     async def tell(ws: web.WebSocketResponse, error: Error) -> None:

@@ -39,6 +39,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler, Middleware
 
+from server.origins import DEFAULT_PORTS, canonical_origin, join_origin
 from server.settings import AuthSettings, ServerSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ OPEN_PREFIX = "/static/"
 TOKEN_QUERY_PATHS = frozenset({"/ws", "/v1/realtime"})  # where ?token= is accepted
 ORIGIN_CHECKED_PATHS = frozenset({"/ws", "/v1/realtime", "/offer"})  # and every method but GET/HEAD/OPTIONS
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-DEFAULT_PORTS = {"http": 80, "https": 443}
 AUDIENCE = "voxlens"
 ALGORITHM = "HS256"
 LEEWAY_S = 5  # clock skew between nodes sharing the secret
@@ -57,24 +57,6 @@ OPEN_CLIENT = "open"  # the sub of tokens minted while no key is configured (val
 
 
 # ---- origins -------------------------------------------------------------------------------
-
-def _join(scheme: str, host: str, port: int) -> str:
-    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
-
-
-def canonical_origin(origin: str) -> str | None:
-    """``scheme://host:port`` (lower case, the port always written), or None when ``origin``
-    is not an http(s) origin (``null``, a path, credentials, a bad port)."""
-    parts = urlsplit(origin.strip())
-    if (parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.username is not None
-            or parts.path not in ("", "/") or parts.query or parts.fragment):
-        return None
-    try:
-        port = parts.port
-    except ValueError:
-        return None
-    return _join(parts.scheme, parts.hostname, port or DEFAULT_PORTS[parts.scheme])
-
 
 def _is_name(host: str) -> bool:
     """A DNS name other than localhost (an attacker's page can make its own name point here:
@@ -103,7 +85,7 @@ def origin_allowed(origin: str, host: str | None, port: int, allowed: list[str],
     if canonical in allowed:
         return True
     scheme = canonical.split("://", 1)[0]
-    if canonical in {_join(s, h, port) for s in DEFAULT_PORTS
+    if canonical in {join_origin(s, h, port) for s in DEFAULT_PORTS
                      for h in ("localhost", "127.0.0.1", "::1")}:
         return True
     if not host:
@@ -115,7 +97,7 @@ def origin_allowed(origin: str, host: str | None, port: int, allowed: list[str],
         return False
     if not own.hostname or (_is_name(own.hostname) and not trust_names):
         return False
-    return canonical == _join(scheme, own.hostname, own_port)
+    return canonical == join_origin(scheme, own.hostname, own_port)
 
 
 # ---- exposure and TLS ----------------------------------------------------------------------

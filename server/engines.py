@@ -23,8 +23,9 @@ from pipelines.engines.vad_silero import SileroVad
 from pipelines.engines.vlm_openai import OpenAiVlm
 from pipelines.engines.vlm_scene import SceneVlm
 from pipelines.listener import EndpointConfig, ListenerConfig
+from pipelines.prompt import fixed_system_prompt
 from pipelines.segmenter import SegmenterConfig
-from pipelines.session import Engines, SessionConfig, fixed_system_prompt
+from pipelines.session import Engines, SessionConfig
 from pipelines.text import words
 from pipelines.tools import ToolsConfig
 from pipelines.turn import TurnConfig
@@ -59,7 +60,7 @@ def build_engines(settings: Settings, compute: Compute) -> Engines:
     if vlm is not None:
         log.info("vision ready: %s", vlm.name)
     turn = None
-    if settings.vad.turn_model == "smart-turn":
+    if settings.endpoint.turn_model == "smart-turn":
         turn = SmartTurn(models.smart_turn(cache), compute)
         turn.warm_up()
         log.info("end of turn ready: %s", turn.name)
@@ -144,13 +145,15 @@ def session_config(settings: Settings) -> SessionConfig:
     v, a, m, vis = settings.vad, settings.asr, settings.llm, settings.vision
     b = settings.bargein
     seg = SegmenterConfig(threshold=v.threshold, neg_threshold=v.neg_threshold,
-                          min_speech_ms=v.min_speech_ms, voice_ms=b.voice_ms,
+                          min_speech_ms=v.min_speech_ms, voice_ms=v.voice_ms,
                           silence_ms=v.silence_ms, pad_ms=v.pad_ms,
                           max_utterance_ms=v.max_utterance_ms)
-    endpoint = EndpointConfig(adaptive=v.adaptive_endpoint, question_ms=v.question_silence_ms,
-                              incomplete_ms=v.incomplete_silence_ms,
-                              complete_ms=v.complete_silence_ms,
-                              turn_threshold=v.turn_threshold)
+    e = settings.endpoint
+    endpoint = EndpointConfig(adaptive=e.adaptive, question_ms=e.question_silence_ms,
+                              incomplete_ms=e.incomplete_silence_ms,
+                              zh_statement_ms=e.zh_statement_silence_ms,
+                              complete_ms=e.complete_silence_ms,
+                              turn_threshold=e.turn_threshold)
     backchannels = dict(BACKCHANNELS)
     for lang, extra in b.backchannels.items():
         backchannels[lang] = backchannels.get(lang, frozenset()) | {
@@ -161,7 +164,8 @@ def session_config(settings: Settings) -> SessionConfig:
                                 speculative_final=a.speculative_final),
         bargein=BargeInConfig(enabled=b.enabled, min_words=b.min_words,
                               interrupt_after_ms=b.interrupt_after_ms, echo_overlap=b.echo_overlap,
-                              voice_beyond_echo_ms=b.voice_beyond_echo_ms, backchannels=backchannels),
+                              voice_beyond_echo_ms=b.voice_beyond_echo_ms, backchannels=backchannels,
+                              client_buffer_ms=b.client_buffer_ms),
         turn=TurnConfig(max_tokens=m.max_tokens, first_chunk_words=settings.tts.first_chunk_words),
         vision=VisionConfig(interval_s=vis.interval_s, change_threshold=vis.change_threshold,
                             memory=vis.memory, in_prompt=vis.in_prompt),

@@ -309,8 +309,7 @@ class MqttBridge:
             return
         b = self.state.settings.bargein
         adapter = DeviceAdapter(device_id, session, partial(self.send, device_id),
-                                lead_ms=b.lead_ms, client_buffer_ms=b.client_buffer_ms,
-                                clock=self._clock, restore=restore)
+                                lead_ms=b.lead_ms, clock=self._clock, restore=restore)
         adapter.offer(CONTROL, start)
         self.devices[device_id] = adapter
         self._answered.pop(device_id, None)
@@ -320,19 +319,15 @@ class MqttBridge:
         task.add_done_callback(self._device_tasks.discard)
 
     async def _serve_device(self, adapter: DeviceAdapter, session: Session) -> None:
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(session.run())
-                await adapter.run()
+        try:  # (a device's idle expiry is the bridge's: DeviceAdapter.expire)
+            await self.state.serve(session, adapter.run(), expire=False)
         except Exception:  # one device's failure never ends the bridge
             log.exception("MQTT device %s failed", adapter.device_id)
         finally:
-            self.state.forget(session)
             current = self.devices.get(adapter.device_id) is adapter
             if current:
                 del self.devices[adapter.device_id]
             self._ended(adapter, session, current)
-            log.info("session %s of device %s closed", session.session_id, adapter.device_id)
 
     def _ended(self, adapter: DeviceAdapter, session: Session, current: bool) -> None:
         """A device's session ended (``current``: no newer one took its place)."""

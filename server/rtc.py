@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
-from pipelines.session import Session
 from server.auth import AUTH
-from server.limits import client_of, expire_session, refusal
+from server.limits import client_of, refusal
 from server.settings import Settings
-from server.state import STATE, AppState, Busy
+from server.state import STATE, Busy
 from streaming.errors import ProtocolError
 from streaming.protocol import MAX_OFFER_BYTES, parse_offer
 from streaming.webrtc import OUT_RATE, WebRtcAdapter, restrict_host_candidates
@@ -61,13 +59,12 @@ async def offer(request: web.Request) -> web.Response:
         session = state.open_session("webrtc", client_of(request))
     except Busy as e:
         return refusal(e)  # 429 busy|rate_limited: this client's limits; 503: the server's
+    session.configure(input_rate=16_000, input_channels=1, output_rate=OUT_RATE,
+                      language=req.language, instructions=req.instructions)
     pc = RTCPeerConnection(_configuration(state.settings))
     adapter = WebRtcAdapter(pc, session, client_aec=req.echo_cancellation,
-                            client_buffer_ms=state.settings.bargein.client_buffer_ms,
                             limits=state.limits.message_limits())
     try:
-        session.configure(input_rate=16_000, input_channels=1, output_rate=OUT_RATE,
-                          language=req.language, instructions=req.instructions)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=req.sdp, type="offer"))
         if not any(t.kind == "audio" for t in adapter.remote_tracks):
             raise ProtocolError("the offer has no audio track (add a microphone, sendrecv)")
@@ -79,7 +76,7 @@ async def offer(request: web.Request) -> web.Response:
         message = e.message if isinstance(e, ProtocolError) else f"cannot use this offer: {e}"
         log.info("offer refused: %s", message)
         return _error(400, "bad_offer", message)
-    state.supervisor.spawn(_run(state, session, adapter), f"webrtc-{session.session_id}")
+    state.supervisor.spawn(state.serve(session, adapter.run()), f"webrtc-{session.session_id}")
     log.info("session %s opened over WebRTC (%s)", session.session_id, request.remote)
     return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
                               "session_id": session.session_id})
@@ -100,16 +97,3 @@ async def _close_refused(pc: RTCPeerConnection) -> None:
                 await transceiver.receiver.transport.transport.stop()
 
 
-async def _run(state: AppState, session: Session, adapter: WebRtcAdapter) -> None:
-    """The life of one WebRTC session; ends when the peer or the session goes."""
-    try:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(session.run())
-            expiry = tg.create_task(expire_session(session, state.settings.limits))
-            try:
-                await adapter.run()
-            finally:
-                expiry.cancel()
-    finally:
-        state.forget(session)
-        log.info("session %s closed", session.session_id)

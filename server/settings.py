@@ -6,6 +6,7 @@ Example: ``VOXLENS_ASR__MODEL=tiny.en`` or, in TOML, ``[asr] model = "tiny.en"``
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -26,8 +27,11 @@ from pipelines.session import SessionConfig
 from pipelines.tools import ToolsConfig
 from pipelines.turn import TurnConfig
 from pipelines.vision import VisionConfig
+from server.origins import canonical_origin
 from streaming.mqtt import check_prefix
 from streaming.mqtt_fleet import check_share_group, valid_node_id
+
+log = logging.getLogger(__name__)
 
 
 def default(config: type, name: str) -> Any:
@@ -63,8 +67,6 @@ class ServerSettings(_Section):
     @field_validator("allowed_origins")
     @classmethod
     def _check_origins(cls, origins: list[str]) -> list[str]:
-        from server.auth import canonical_origin  # (server.auth imports this module)
-
         out = []
         for origin in origins:
             canonical = canonical_origin(origin)
@@ -148,6 +150,8 @@ class ModelSettings(_Section):
 
 
 class VadSettings(_Section):
+    """Voice activity and utterances (``SegmenterConfig``)."""
+
     threshold: float = Field(default(SegmenterConfig, "threshold"), gt=0, lt=1)
     neg_threshold: float = Field(default(SegmenterConfig, "neg_threshold"), gt=0, lt=1)
     min_speech_ms: int = Field(default(SegmenterConfig, "min_speech_ms"), ge=32)
@@ -155,12 +159,25 @@ class VadSettings(_Section):
                             description="silence that ends an utterance")
     pad_ms: int = Field(default(SegmenterConfig, "pad_ms"), ge=0)
     max_utterance_ms: int = Field(default(SegmenterConfig, "max_utterance_ms"), ge=1000, le=30_000)
+    voice_ms: int = Field(default(SegmenterConfig, "voice_ms"), ge=32,
+                          description="voiced input that may be speech starting: it pauses a "
+                          "playing reply (barge-in)")
     threads: int = Field(1, ge=1)
-    adaptive_endpoint: bool = Field(default(EndpointConfig, "adaptive"),
-                                    description="end sooner after a complete question, "
-                                    "later when the transcript trails off")
+
+
+class EndpointSettings(_Section):
+    """When an utterance ends: the silence adapts to the words and, optionally, to an
+    end-of-turn model (``EndpointConfig``; the base silence is ``vad.silence_ms``)."""
+
+    adaptive: bool = Field(default(EndpointConfig, "adaptive"),
+                           description="end sooner after a complete question, "
+                           "later when the transcript trails off")
     question_silence_ms: int = Field(default(EndpointConfig, "question_ms"), ge=64)
     incomplete_silence_ms: int = Field(default(EndpointConfig, "incomplete_ms"), ge=64)
+    zh_statement_silence_ms: int | None = Field(
+        default(EndpointConfig, "zh_statement_ms"), ge=64, description="endpoint silence after "
+        "an utterance known to be Mandarin, or Mandarin words that neither ask nor trail off "
+        "(none: vad.silence_ms)")
     turn_model: Literal["smart-turn", "none"] = Field(
         "none", description="end-of-turn model asked at each pause: a turn that sounds "
         "finished ends after complete_silence_ms")
@@ -174,9 +191,9 @@ class VadSettings(_Section):
 
 
 class BargeInSettings(_Section):
+    """Speaking over a reply (``BargeInConfig``), and the reply audio's lead."""
+
     enabled: bool = default(BargeInConfig, "enabled")
-    voice_ms: int = Field(default(SegmenterConfig, "voice_ms"), ge=32,
-                          description="voiced input that pauses a playing reply")
     min_words: int = Field(default(BargeInConfig, "min_words"), ge=1,
                            description="recognised words (not backchannels, not echo) "
                            "that interrupt the reply")
@@ -194,8 +211,9 @@ class BargeInSettings(_Section):
     backchannels: dict[str, list[str]] = Field(
         default_factory=dict, description="more backchannels per language, added to the built-in "
         "lists (pipelines/bargein.py)")
-    client_buffer_ms: int = Field(100, ge=0, description="audio sent but not yet heard at a "
-                                  "client that does not report playback (its jitter buffer)")
+    client_buffer_ms: int = Field(default(BargeInConfig, "client_buffer_ms"), ge=0,
+                                  description="audio sent but not yet heard at a client that "
+                                  "does not report playback (its jitter buffer)")
     lead_ms: int = Field(200, ge=20, description="WebSocket/MQTT: reply audio sent ahead of "
                          "real time")
 
@@ -423,6 +441,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     models: ModelSettings = ModelSettings()
     vad: VadSettings = VadSettings()
+    endpoint: EndpointSettings = EndpointSettings()
     bargein: BargeInSettings = BargeInSettings()
     asr: AsrSettings = AsrSettings()
     llm: LlmSettings = LlmSettings()
@@ -433,6 +452,38 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = MqttSettings()
     tools: ToolsSettings = ToolsSettings()
     log_level: str = "INFO"
+
+    # Settings that moved to the section of the configuration they feed: (old section, old
+    # name) → (section, name). The old names still work, with a warning.
+    RENAMED: ClassVar[dict[tuple[str, str], tuple[str, str]]] = {
+        ("vad", "adaptive_endpoint"): ("endpoint", "adaptive"),
+        ("vad", "question_silence_ms"): ("endpoint", "question_silence_ms"),
+        ("vad", "incomplete_silence_ms"): ("endpoint", "incomplete_silence_ms"),
+        ("vad", "turn_model"): ("endpoint", "turn_model"),
+        ("vad", "turn_threshold"): ("endpoint", "turn_threshold"),
+        ("vad", "complete_silence_ms"): ("endpoint", "complete_silence_ms"),
+        ("bargein", "voice_ms"): ("vad", "voice_ms"),
+    }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """Move settings given under their old names to their sections (the new name wins)."""
+        if not isinstance(data, dict):
+            return data
+        for (old_section, old), (section, name) in cls.RENAMED.items():
+            values = data.get(old_section)
+            if isinstance(values, dict) and old in values:
+                values = dict(values)
+                value = values.pop(old)
+                data = {**data, old_section: values}
+                target = data.get(section)
+                target = dict(target) if isinstance(target, dict) else {}
+                target.setdefault(name, value)
+                data[section] = target
+                log.warning("setting %s.%s is now %s.%s (the old name still works)",
+                            old_section, old, section, name)
+        return data
 
     @classmethod
     def settings_customise_sources(

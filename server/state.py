@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -16,7 +16,7 @@ from pipelines.compute import Compute
 from pipelines.engines.base import ToolRunner
 from pipelines.session import Engines, Session, SessionConfig
 from server.limits import Busy as Busy  # (refusals live with the limits; re-exported here)
-from server.limits import ClientLimits
+from server.limits import ClientLimits, expire_session
 from server.settings import Settings
 from streaming.events import SessionClosing
 
@@ -126,6 +126,26 @@ class AppState:
                 while self.sessions:
                     self._forgotten.clear()
                     await self._forgotten.wait()
+
+    async def serve(self, session: Session, transport: Awaitable[None], *,
+                    expire: bool = True) -> None:
+        """The life of one open session on its transport, the same for every endpoint: the
+        session, its transport's pumps (``transport``: they close the session on their way
+        out) and, with ``expire``, its expiry (``limits.max_session_s``, ``idle_timeout_s``)
+        in one task group; then the session is forgotten, whatever happened."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(session.run())
+                expiry = (tg.create_task(expire_session(session, self.settings.limits))
+                          if expire else None)
+                try:
+                    await transport
+                finally:
+                    if expiry is not None:
+                        expiry.cancel()
+        finally:
+            self.forget(session)
+            log.info("session %s closed", session.session_id)
 
     def forget(self, session: Session) -> None:
         session.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +50,6 @@ class ReplyStarted:
 class ReplyText:
     turn_id: int
     delta: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReplyAudio:
-    """A piece of reply audio: PCM s16le mono at the session's output rate."""
-
-    turn_id: int
-    pcm: bytes = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +132,6 @@ Event = (
     | Transcript
     | ReplyStarted
     | ReplyText
-    | ReplyAudio
     | ReplyDone
     | ReplyInterrupted
     | ToolCallRequested

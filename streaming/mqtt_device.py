@@ -128,16 +128,14 @@ class DeviceAdapter:
     starts the session, to put the conversation the device had on another node into it."""
 
     def __init__(self, device_id: str, session: SessionPort, send: Send, *,
-                 lead_ms: int = LEAD_MS, client_buffer_ms: int = 100,
-                 clock: Callable[[], float] = time.monotonic,
+                 lead_ms: int = LEAD_MS, clock: Callable[[], float] = time.monotonic,
                  restore: Restore | None = None) -> None:
         self.device_id = device_id
         self.session = session
         self.lead_ms = lead_ms
         self._send = send
         self._clock = clock
-        self.audio = ClientAudio(session, client_buffer_ms=client_buffer_ms, clock=clock)
-        self.playout = self.audio.playout
+        self.audio = ClientAudio(session, clock=clock)
         self._inbox = Inbox(INBOX)
         self._reported = dict.fromkeys(INBOX, 0)  # inbox drops already reported
         self._errors = ErrorBudget(clock=clock)
@@ -177,7 +175,7 @@ class DeviceAdapter:
         Cancelling it stops every pump; either way the session is closed on the way out.
         """
         try:
-            await pump(self.session, self.playout, self._receive, send_event=self._send_event,
+            await pump(self.session, self._receive, send_event=self._send_event,
                        send_audio=self._send_audio, hang_up=self._hang_up, chunk_ms=CHUNK_MS,
                        lead_ms=self.lead_ms)
         finally:

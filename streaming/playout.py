@@ -6,7 +6,15 @@ most ``lead_ms`` ahead of real time. Audio that has not left can still be
 paused (barge-in: the person may be starting to speak), resumed (it was a
 cough) or cut (a real interruption). The playout counts what it sent of each
 turn and estimates what is still unplayed at the client, so the session knows
-what the person heard; it also hands every sent byte to the echo canceller.
+what the person heard. Events that must follow a turn's audio (``reply.done``,
+``metrics``) wait here and are released into the session's event channel as its
+last chunk is taken (``release``): behind every earlier event of the turn, after
+its audio, whatever the transport. Every sent byte also goes to the
+``reference`` when the server cancels the client's echo (the microphone side
+owns the canceller, ``streaming/microphone.py``).
+
+The session owns its playout and writes reply audio straight into it; the
+transport only drains it.
 """
 
 from __future__ import annotations
@@ -16,9 +24,8 @@ import collections
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from streaming.audio import MODEL_RATE, Float32Array
-from streaming.echo import FRAME, EchoCanceller
 from streaming.events import Event
 
 KEEP_TURNS = 8  # sent_ms is remembered for this many recent turns
@@ -33,15 +40,23 @@ class _Segment:
     pcm: bytearray
 
 
+class EchoReference(Protocol):
+    """Where the sent reply audio goes when the server cancels the client's echo."""
+
+    def played(self, pcm: bytes) -> None: ...
+
+    def forget_unplayed(self) -> None: ...
+
+
 class Playout:
     def __init__(self, rate: int, *, max_buffer_ms: int = 2000, client_buffer_ms: int = 100,
-                 client_aec: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
-        """``client_aec``: the client cancels its own echo; if not, this playout's echo
-        canceller removes the sent audio from the client's microphone (``mic``)."""
+                 release: Callable[[Event], None] = lambda event: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``release``: where the events held for a turn's audio go once it has been taken
+        (the session's event channel)."""
         self.rate = rate
-        self.echo = None if client_aec else EchoCanceller(rate)
-        self.mic_samples = 0  # microphone audio passed through ``mic`` (its stream position)
-        self._echo_from = 0  # the echo canceller's first sample in that stream
+        self._release = release
+        self.reference: EchoReference | None = None  # the echo canceller, when the server has one
         self.client_buffer_ms = client_buffer_ms  # played-out delay at the client (jitter buffer)
         self._max_ms = max_buffer_ms
         self._max_bytes = rate * 2 * max_buffer_ms // 1000
@@ -52,18 +67,15 @@ class Playout:
         self._cut: collections.deque[int] = collections.deque(maxlen=KEEP_TURNS)
         self._last_turn: int | None = None  # the turn whose audio left last
         self._deferred: list[tuple[int, Event]] = []  # events to send after a turn's audio
-        self._released: list[Event] = []
         self._play_end = 0.0  # wall time when everything sent so far has played at the client
         self.paused = False
         self._room = asyncio.Event()
         self._room.set()
         self._ready = asyncio.Event()  # audio queued and not paused
 
-    def reconfigure(self, rate: int, *, client_aec: bool) -> None:
-        """New output rate and echo handling (``session.start``); drops queued audio."""
+    def reconfigure(self, rate: int) -> None:
+        """A new output rate (``session.start``); drops queued audio."""
         self.rate = rate
-        self.echo = None if client_aec else EchoCanceller(rate)
-        self._echo_from = self.mic_samples
         self._max_bytes = rate * 2 * self._max_ms // 1000
         self._queue.clear()
         self._queued = 0
@@ -106,7 +118,7 @@ class Playout:
         and for ``ECHO_TAIL_MS`` more when the server cancels this client's echo."""
         if self.audible(turn_id):
             return True
-        return (self.echo is not None and self._last_turn == turn_id
+        return (self.reference is not None and self._last_turn == turn_id
                 and self._clock() < self._play_end + (self.client_buffer_ms + ECHO_TAIL_MS) / 1000)
 
     def queued_ms(self, turn_id: int | None = None) -> float:
@@ -130,32 +142,25 @@ class Playout:
             self._queue.remove(seg)
             self._queued -= len(seg.pcm)
         self._deferred = [(t, e) for t, e in self._deferred if t != turn_id]
-        if self.echo is not None and turn_id == self._last_turn:
-            self.echo.forget_unplayed()
+        if self.reference is not None and turn_id == self._last_turn:
+            self.reference.forget_unplayed()
         self._room.set()
         self.resume()
         if not self._queued:
             self._ready.clear()
 
-    # ---- the transport's side ---------------------------------------------------------
-
-    def defer(self, turn_id: int, event: Event) -> bool:
-        """Hold an event (``reply.done``) until the turn's queued audio has been sent; False
-        when none is queued (send it now). A cut turn's deferred events are dropped."""
+    def after_audio(self, turn_id: int, event: Event) -> bool:
+        """Hold an event (``reply.done``) until the turn's queued audio has been taken; then it
+        is released. False when none is queued (send it now). A cut turn's held events are
+        dropped."""
         if not any(s.turn_id == turn_id for s in self._queue):
             return False
         self._deferred.append((turn_id, event))
         return True
 
-    def released(self) -> list[Event]:
-        """Deferred events whose turn's audio has now all been sent (call after ``take``)."""
-        out, self._released = self._released, []
-        return out
-
     def put(self, turn_id: int, pcm: bytes) -> None:
         """Queue a turn's reply audio (never waits: the session waits for ``room`` before it
-        emits audio, so events behind the audio are not held up). A cut turn's audio is
-        dropped."""
+        puts more). A cut turn's audio is dropped."""
         if turn_id in self._cut or not pcm:
             return
         if turn_id not in self._sent:
@@ -176,17 +181,21 @@ class Playout:
         """Wait until less than ``max_buffer_ms`` is queued."""
         await self._room.wait()
 
+    # ---- the transport's side ---------------------------------------------------------
+
     def take(self, max_bytes: int) -> bytes:
-        """Up to ``max_bytes`` of queued audio to send now (b"" when idle or paused)."""
+        """Up to ``max_bytes`` of queued audio to send now (b"" when idle or paused); the
+        events held for its turn are released when it is the turn's last."""
         if self.paused or not self._queue:
             return b""
         seg = self._queue[0]
         chunk = bytes(seg.pcm[:max_bytes])
         del seg.pcm[:max_bytes]
+        after: list[Event] = []
         if not seg.pcm:
             self._queue.popleft()
             if self._deferred and not any(s.turn_id == seg.turn_id for s in self._queue):
-                self._released += [e for t, e in self._deferred if t == seg.turn_id]
+                after = [e for t, e in self._deferred if t == seg.turn_id]
                 self._deferred = [(t, e) for t, e in self._deferred if t != seg.turn_id]
         self._queued -= len(chunk)
         if not self._queued:
@@ -197,32 +206,16 @@ class Playout:
         self._sent[seg.turn_id] = self._sent.get(seg.turn_id, 0.0) + ms
         self._last_turn = seg.turn_id
         self._play_end = max(self._play_end, self._clock()) + ms / 1000
-        if self.echo is not None:
-            self.echo.played(chunk)
+        if self.reference is not None:
+            self.reference.played(chunk)
+        for event in after:
+            self._release(event)
         return chunk
-
-    def mic(self, audio: Float32Array) -> Float32Array:
-        """Microphone audio (16 kHz mono) with this playout's echo removed, when the server
-        cancels echo for this client."""
-        out = audio if self.echo is None else self.echo.capture(audio)
-        self.mic_samples += out.size
-        return out
-
-    def voice_beyond_echo_ms(self, start_ms: float, end_ms: float) -> int | None:
-        """How long the microphone audio between these positions of the ``mic`` stream held
-        more than the reply's echo (EchoCanceller.voice_beyond_echo_ms); None when the server
-        cancels no echo for this client or no reply audio was sounding then."""
-        if self.echo is None:
-            return None
-        frame_ms = 1000 * FRAME / MODEL_RATE
-        base = self._echo_from * 1000 / MODEL_RATE
-        return self.echo.voice_beyond_echo_ms(int((start_ms - base) // frame_ms),
-                                              int((end_ms - base) // frame_ms) + 1)
 
     async def paced(self, chunk_ms: int, lead_ms: int) -> AsyncIterator[bytes]:
         """Queued audio in chunks of ``chunk_ms``, sent as soon as the client holds less than
-        ``lead_ms`` of unplayed audio: the first chunk of a reply leaves at once, the rest
-        in real time. Runs until cancelled."""
+        ``lead_ms`` of unplayed audio: the first chunk of a reply leaves at once, the rest in
+        real time. Runs until cancelled."""
         size = self.rate * chunk_ms // 1000 * 2
         while True:
             await self._ready.wait()

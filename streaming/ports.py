@@ -11,8 +11,9 @@ from streaming.audio import Float32Array, InputConverter
 from streaming.channels import Channel, ChannelClosed
 from streaming.conversation import ToolSpec
 from streaming.errors import ProtocolError
-from streaming.events import Event, Metrics, ReplyAudio, ReplyDone, SessionReady
+from streaming.events import Event, SessionReady
 from streaming.images import Image
+from streaming.microphone import EchoMeter, Microphone
 from streaming.playout import Playout
 from streaming.protocol import (
     MAX_AUDIO_MESSAGE_BYTES,
@@ -28,7 +29,8 @@ from streaming.protocol import (
 
 class SessionPort(Protocol):
     session_id: str
-    events: Channel[Event]
+    events: Channel[Event]  # everything but the reply audio
+    playout: Playout  # the reply audio: the transport drains it (pause, cut … are the session's)
 
     def ready_event(self) -> SessionReady: ...
 
@@ -36,9 +38,9 @@ class SessionPort(Protocol):
                   language: str | None, instructions: str | None,
                   tools: Sequence[ToolSpec] = ()) -> None: ...
 
-    def attach_playout(self, playout: Playout) -> None:
-        """The transport's reply audio outlet: the session pauses, resumes and cuts it on
-        barge-in and asks it what was heard."""
+    def attach_echo(self, meter: EchoMeter | None) -> None:
+        """The microphone side that cancels this client's echo (None: the client cancels its
+        own): barge-in asks it whether a sound was more than the reply's echo."""
         ...
 
     async def push_audio(self, audio: Float32Array) -> None: ...
@@ -79,46 +81,28 @@ def apply_client_message(message: ClientMessage, session: SessionPort) -> Client
     return None
 
 
-def route_event(event: Event, playout: Playout) -> Event | None:
-    """Reply audio goes into the playout (the session waits for room before it emits audio);
-    a turn's ``reply.done`` and ``metrics`` wait in the playout until its audio has been sent
-    (``Playout.released``); every other event is returned for the transport to send now."""
-    match event:
-        case ReplyAudio(turn_id=turn_id, pcm=pcm):
-            playout.put(turn_id, pcm)
-            return None
-        case ReplyDone(turn_id=turn_id) | Metrics(turn_id=turn_id) if playout.defer(turn_id, event):
-            return None
-    return event
-
-
-async def pump(session: SessionPort, playout: Playout, receive: Callable[[], Awaitable[None]], *,
+async def pump(session: SessionPort, receive: Callable[[], Awaitable[None]], *,
                send_event: Callable[[Event], Awaitable[None]],
                send_audio: Callable[[bytes], Awaitable[None]],
                hang_up: Callable[[], Awaitable[None]], chunk_ms: int, lead_ms: int) -> None:
-    """The life of a transport's connection, for every transport that drains a Playout
-    (WebSocket, Realtime, MQTT): ``receive`` takes the client's messages in until the client
-    leaves or ends the session, while the session's events go out (``route_event``: reply
-    audio into the playout) and the playout's audio leaves in real time, ``lead_ms`` ahead, in
-    ``chunk_ms`` pieces, each turn's ``reply.done`` after its last audio. When the session
-    ends on its own, ``hang_up``. The session is closed on the way out; cancelling stops it
-    all."""
+    """The life of a transport's connection, for every transport that sends paced audio
+    messages (WebSocket, Realtime, MQTT): ``receive`` takes the client's messages in until the
+    client leaves or ends the session, while the session's events go out and its playout's
+    audio leaves in real time, ``lead_ms`` ahead, in ``chunk_ms`` pieces (a turn's
+    ``reply.done`` joins the events once its last audio is taken). When the session ends on
+    its own, ``hang_up``. The session is closed on the way out; cancelling stops it all."""
     async def events() -> None:
         try:
             while True:
-                event = route_event(await session.events.get(), playout)
-                if event is not None:
-                    await send_event(event)
+                await send_event(await session.events.get())
         except ChannelClosed:
             await hang_up()
         except ConnectionResetError:
             return
 
     async def audio() -> None:
-        async for chunk in playout.paced(chunk_ms, lead_ms):
+        async for chunk in session.playout.paced(chunk_ms, lead_ms):
             await send_audio(chunk)
-            for event in playout.released():  # reply.done after the reply's last audio
-                await send_event(event)
 
     async with asyncio.TaskGroup() as tg:
         pumps = [tg.create_task(events()), tg.create_task(audio())]
@@ -134,20 +118,17 @@ async def pump(session: SessionPort, playout: Playout, receive: Callable[[], Awa
                 task.cancel()
 
 
-class ClientAudio:
-    """The audio of a transport that carries raw PCM messages (WebSocket, MQTT): the client's
-    microphone in its declared format, with the reply's echo removed when the server cancels
-    it, into the session; the reply audio out through a Playout the transport drains."""
+class ClientAudio(Microphone):
+    """The microphone of a transport that carries raw PCM messages in a format the client
+    declares with ``session.start`` (WebSocket, MQTT, Realtime). The server cancels the
+    client's echo until the client says it has its own echo canceller."""
 
-    def __init__(self, session: SessionPort, *, client_buffer_ms: int,
+    def __init__(self, session: SessionPort, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._session = session
         ready = session.ready_event()
-        self.converter = InputConverter(ready.input.sample_rate, ready.input.channels)
-        # the server cancels echo until the client says it has its own AEC (session.start)
-        self.playout = Playout(ready.output.sample_rate, client_buffer_ms=client_buffer_ms,
-                               client_aec=False, clock=clock)
-        session.attach_playout(self.playout)
+        super().__init__(session, rate=ready.input.sample_rate, channels=ready.input.channels,
+                         cancel_echo=True, clock=clock)
+        self._session_port = session
 
     def start(self, m: SessionStart, *, resumable: bool) -> bool:
         """Apply ``session.start``: its formats to the session, this converter and the playout.
@@ -159,14 +140,14 @@ class ClientAudio:
         rate = m.output_audio.sample_rate
         resumed = False
         try:
-            self._session.configure(
+            self._session_port.configure(
                 input_rate=m.audio.sample_rate, input_channels=m.audio.channels,
                 output_rate=rate, language=m.language, instructions=m.instructions,
                 tools=tool_specs(m.tools))
         except ProtocolError as e:
             if not resumable:
                 raise
-            ready = self._session.ready_event()
+            ready = self._session_port.ready_event()
             same = (ready.input.sample_rate, ready.input.channels, ready.output.sample_rate) == (
                 m.audio.sample_rate, m.audio.channels, rate)
             if e.code != "bad_state" or not same:
@@ -175,16 +156,10 @@ class ClientAudio:
                                     code="bad_state") from e
             resumed = True
         self.converter = converter
-        client_aec = m.audio.echo_cancellation
-        if not resumed or client_aec != (self.playout.echo is None):
-            self.playout.reconfigure(rate, client_aec=client_aec)
+        server_aec = not m.audio.echo_cancellation
+        if not resumed or server_aec != (self.echo is not None):
+            self.cancel_echo(server_aec)
         return resumed
-
-    async def push(self, pcm: bytes) -> None:
-        """Microphone PCM in the declared format; waits while the session is behind."""
-        audio = self.playout.mic(self.converter.convert(pcm))
-        if audio.size:
-            await self._session.push_audio(audio)
 
 
 def tool_specs(tools: Sequence[Tool]) -> list[ToolSpec]:

@@ -14,7 +14,6 @@ from streaming.events import (
     Error,
     Event,
     Metrics,
-    ReplyAudio,
     ReplyDone,
     ReplyInterrupted,
     ReplyStarted,
@@ -197,7 +196,7 @@ def _fmt(f: AudioFormat) -> dict[str, Any]:
 
 
 def event_to_json(event: Event) -> dict[str, Any]:
-    """The JSON object for a text event. ReplyAudio has none: it travels as binary."""
+    """The JSON object of an event (reply audio is no event: it leaves through the playout)."""
     match event:
         case SessionReady(session_id, input_fmt, output_fmt, models):
             return {"type": "session.ready", "session_id": session_id, "input": _fmt(input_fmt),
@@ -241,12 +240,8 @@ def event_to_json(event: Event) -> dict[str, Any]:
             if turn_id is not None:
                 error["turn_id"] = turn_id
             return error
-        case ReplyAudio():
-            raise TypeError("reply audio is sent as a binary message")
 
 
-def encode_event(event: Event) -> str | bytes:
-    """Wire form of an event: JSON text, or raw PCM bytes for reply audio."""
-    if isinstance(event, ReplyAudio):
-        return event.pcm
+def encode_event(event: Event) -> str:
+    """Wire form of an event: JSON text."""
     return json.dumps(event_to_json(event), ensure_ascii=False)

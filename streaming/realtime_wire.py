@@ -2,23 +2,26 @@
 
 The current (GA) shapes, with the older beta names and flat fields accepted where they
 differ. Unknown fields are ignored (clients send what OpenAI's service knows); the fields
-voxlens uses are checked, and a bad one is a ``ProtocolError`` naming it."""
+voxlens uses are checked, and a bad one is a ``ProtocolError`` naming it. ``tool_spec``,
+``engine_tool_choice`` and ``required`` turn checked values into what the session takes."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from streaming.conversation import ToolSpec
 from streaming.errors import ProtocolError
 from streaming.protocol import MAX_TOOL_OUTPUT_CHARS, MAX_TOOLS, MAX_USER_TEXT_CHARS, UNUSABLE_JSON
 
 MAX_EVENT_BYTES = 4 * 1024 * 1024  # an append of ~1.5 s of 24 kHz audio in base64 is 100 KB
 MAX_APPEND_BYTES = 1024 * 1024  # decoded PCM of one input_audio_buffer.append (~21 s)
 RATE = 24_000  # audio/pcm: 24 kHz mono s16le, both ways
+T = TypeVar("T")
 BETA_NAMES = {  # GA name → the beta name of the same server event
     "response.output_audio.delta": "response.audio.delta",
     "response.output_audio.done": "response.audio.done",
@@ -216,3 +219,28 @@ def check_format(fmt: AudioFormat | str | None) -> None:
     if fmt.type != "audio/pcm" or fmt.rate != RATE:
         raise ProtocolError(f"audio format {fmt.type[:40]} at {fmt.rate} Hz is not supported; use "
                             "audio/pcm at 24000 Hz", code="unsupported", param="format")
+
+
+def tool_spec(tool: FunctionTool) -> ToolSpec:
+    return ToolSpec(tool.name, tool.description, tool.parameters)
+
+
+def engine_tool_choice(choice: ToolChoice) -> str:
+    """A tool_choice as the LLM engines take it: a mode, or a function's name."""
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise ProtocolError(f"tool_choice {choice[:40]!r} is not auto, none or required",
+                                code="invalid_value", param="tool_choice")
+        return choice
+    name = choice.get("name") or (choice.get("function") or {}).get("name")
+    if not isinstance(name, str) or not name:
+        raise ProtocolError("tool_choice names no function", code="invalid_value",
+                            param="tool_choice")
+    return name
+
+
+def required(value: T | None, param: str) -> T:
+    """A field the event needs (``missing_required_parameter`` when it is absent)."""
+    if value is None:
+        raise ProtocolError(f"{param} is required", code="missing_required_parameter", param=param)
+    return value

@@ -16,7 +16,7 @@ import contextlib
 import fractions
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import aioice.ice
 import av
@@ -29,8 +29,9 @@ from streaming.channels import ChannelClosed
 from streaming.errors import ProtocolError, VoxlensError
 from streaming.events import Error, Event
 from streaming.images import KEEP_SIDE
+from streaming.microphone import Microphone
 from streaming.playout import Playout
-from streaming.ports import SessionPort, apply_client_message, route_event
+from streaming.ports import SessionPort, apply_client_message
 from streaming.protocol import (
     ImageFrame,
     SessionEnd,
@@ -47,7 +48,6 @@ FRAME_MS = 20
 FRAME_SAMPLES = OUT_RATE * FRAME_MS // 1000
 EVENTS_LABEL = "events"
 PENDING_EVENTS = 256  # events kept while the data channel is not open yet
-JITTER_BUFFER_MS = 80  # the receiver's jitter buffer: sent audio not yet heard
 FRAME_EVERY_S = 0.25  # camera frames handed to the session at most this often
 
 
@@ -119,31 +119,26 @@ class PcmTrack(MediaStreamTrack):
 class ReplyTrack(PcmTrack):
     """Reply audio out: each 20 ms tick takes its frame from the session's ``Playout``."""
 
-    def __init__(self, playout: Playout, on_released: Callable[[Event], None]) -> None:
+    def __init__(self, playout: Playout) -> None:
         super().__init__()
         self.playout = playout
-        self._on_released = on_released
 
     def _take(self, n: int) -> bytes:
-        chunk = self.playout.take(n)
-        for event in self.playout.released():  # reply.done once its last audio went out
-            self._on_released(event)
-        return chunk
+        return self.playout.take(n)
 
 
 class WebRtcAdapter:
     """Connects one RTCPeerConnection to one session. Create it before
-    ``setRemoteDescription`` so it sees the peer's tracks and data channel."""
+    ``setRemoteDescription`` (and after the session is configured for ``OUT_RATE``) so it
+    sees the peer's tracks and data channel."""
 
     def __init__(self, pc: RTCPeerConnection, session: SessionPort, *,
-                 client_aec: bool = True, client_buffer_ms: int = JITTER_BUFFER_MS,
-                 limits: MessageLimits | None = None) -> None:
+                 client_aec: bool = True, limits: MessageLimits | None = None) -> None:
         self.pc = pc
         self.session = session
         self.limits = limits or MessageLimits()  # typed turns per second
-        self.playout = Playout(OUT_RATE, client_buffer_ms=client_buffer_ms, client_aec=client_aec)
-        session.attach_playout(self.playout)
-        self.reply = ReplyTrack(self.playout, self._send)
+        self.microphone = Microphone(session, cancel_echo=not client_aec)
+        self.reply = ReplyTrack(session.playout)
         self.latest_frame: av.VideoFrame | None = None
         self.frames_received = 0
         self.remote_tracks: list[MediaStreamTrack] = []
@@ -175,7 +170,6 @@ class WebRtcAdapter:
 
     def _send(self, event: Event) -> None:
         wire = encode_event(event)
-        assert isinstance(wire, str)
         if self._channel is not None and self._channel.readyState == "open":
             self._channel.send(wire)
         else:
@@ -229,18 +223,15 @@ class WebRtcAdapter:
 
     async def _pump_events(self) -> None:
         async for event in self.session.events:
-            if (out := route_event(event, self.playout)) is not None:
-                self._send(out)
+            self._send(event)
         self._done.set()  # the session ended on its own
 
     async def _audio_in(self, track: MediaStreamTrack) -> None:
         async for pcm in mono_pcm(track, 16_000):
-            audio = self.playout.mic(pcm.astype(np.float32) / 32768.0)
-            if audio.size:
-                try:
-                    await self.session.push_audio(audio)
-                except ChannelClosed:  # the session ended under it (the server closed it)
-                    return
+            try:
+                await self.microphone.push_samples(pcm.astype(np.float32) / 32768.0)
+            except ChannelClosed:  # the session ended under it (the server closed it)
+                return
 
     async def _video_in(self, track: MediaStreamTrack) -> None:
         """Read every frame (so aiortc's queue never grows), keep only the newest, and hand

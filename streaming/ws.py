@@ -34,14 +34,12 @@ LEAD_MS = 200  # reply audio sent ahead of real time (the client's playout buffe
 
 class WebSocketAdapter:
     def __init__(self, ws: web.WebSocketResponse, session: SessionPort, *,
-                 lead_ms: int = LEAD_MS, client_buffer_ms: int = 100,
-                 limits: MessageLimits | None = None) -> None:
+                 lead_ms: int = LEAD_MS, limits: MessageLimits | None = None) -> None:
         self.ws = ws
         self.session = session
         self.limits = limits or MessageLimits()  # typed turns and images per second
         self.lead_ms = lead_ms
-        self.audio = ClientAudio(session, client_buffer_ms=client_buffer_ms)
-        self.playout = self.audio.playout
+        self.audio = ClientAudio(session)
         self._bad = 0
         self._send_lock = asyncio.Lock()  # the pumps and replies to bad input share the socket
 
@@ -51,17 +49,14 @@ class WebSocketAdapter:
         Cancelling it stops both pumps; the caller closes the session.
         """
         await self._send(self.session.ready_event())
-        await pump(self.session, self.playout, self._receive, send_event=self._send,
+        await pump(self.session, self._receive, send_event=self._send,
                    send_audio=self._send_audio, hang_up=self._hang_up, chunk_ms=CHUNK_MS,
                    lead_ms=self.lead_ms)
 
     async def _send(self, event: Event) -> None:
         wire = encode_event(event)
         async with self._send_lock:
-            if isinstance(wire, bytes):
-                await self.ws.send_bytes(wire)
-            else:
-                await self.ws.send_str(wire)
+            await self.ws.send_str(wire)
 
     async def _hang_up(self) -> None:
         await self.ws.close()

@@ -374,7 +374,9 @@ async def test_the_speaker_leaves_a_draining_node_by_itself_with_its_conversatio
     assert run.result() == 0 and code == 0
     closing = events("session.closing")
     assert len(closing) == 1 and closing[0]["reconnect"] is True
-    first, second = events("session.ready")
+    readies = events("session.ready")
+    assert len(readies) == 2, (readies, closing, events("error"))
+    first, second = readies
     assert second["resumed"] is True and second["session_id"] != first["session_id"]
     assert records.owner("nd-speaker") == other
     said = [e["text"] for e in events("transcript") if e["final"]]

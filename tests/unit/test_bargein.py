@@ -33,8 +33,6 @@ from streaming.events import (
     SpeechStopped,
     Transcript,
 )
-from streaming.playout import Playout
-from streaming.ports import route_event
 
 pytestmark = pytest.mark.looptime
 
@@ -71,19 +69,20 @@ class Played:
 
 
 class Room:
-    """A session, its transport (events → Playout) and a speaker taking 20 ms per tick."""
+    """A session, its transport (events out) and a speaker taking 20 ms of its playout per
+    tick."""
 
-    def __init__(self, session: Session, playout: Playout) -> None:
+    def __init__(self, session: Session) -> None:
         self.session = session
-        self.playout = playout
+        self.playout = session.playout
         self.events: list[tuple[float, Event]] = []
         self.played: list[Played] = []
         self.loop = asyncio.get_running_loop()
+        self.echo: Echo | None = None  # when the server cancels the client's echo
 
     async def transport(self) -> None:
         async for ev in self.session.events:
-            if (out := route_event(ev, self.playout)) is not None:
-                self.events.append((self.loop.time(), out))
+            self.events.append((self.loop.time(), ev))
 
     async def speaker(self) -> None:
         while True:
@@ -92,7 +91,6 @@ class Room:
             chunk = self.playout.take(RATE * 2 // 50)
             if chunk:
                 self.played.append(Played(self.loop.time(), turn, len(chunk)))
-            self.events += [(self.loop.time(), e) for e in self.playout.released()]
 
     def of(self, kind: type) -> list:  # type: ignore[type-arg]
         return [e for _, e in self.events if isinstance(e, kind)]
@@ -119,15 +117,22 @@ class Room:
         raise AssertionError("condition not reached")
 
 
-class EchoingPlayout(Playout):
-    """A playout that cancels the client's echo, whose canceller finds this much voice beyond
-    the reply's echo in the microphone (streaming/echo.py measures it on real audio:
-    tests/e2e/test_echo.py)."""
+class Echo:
+    """The microphone side of a client whose echo the server cancels, whose canceller finds
+    this much voice beyond the reply's echo in the microphone (streaming/echo.py measures it
+    on real audio: tests/e2e/test_echo.py)."""
 
-    def __init__(self, beyond_ms: int, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(RATE, client_aec=False, **kwargs)
+    position_ms = 0.0
+
+    def __init__(self, beyond_ms: int) -> None:
         self.beyond_ms = beyond_ms
         self.asked: list[tuple[float, float]] = []
+
+    def played(self, pcm: bytes) -> None:
+        pass
+
+    def forget_unplayed(self) -> None:
+        pass
 
     def voice_beyond_echo_ms(self, start_ms: float, end_ms: float) -> int | None:
         self.asked.append((start_ms, end_ms))
@@ -142,11 +147,13 @@ async def open_room(beyond_echo_ms: int | None = None,
     engines = Engines(FakeVad(), FakeAsr(transcribe, latency_s=0.2),
                       FakeLlm(REPLY, first_token_s=0.1, token_s=0.03), FakeTts(RATE, ms_per_char=60),
                       turn=turn)
-    session = Session("b1", engines, SessionConfig(output_rate=RATE), clock=loop.time)
-    playout = (Playout(RATE, client_buffer_ms=0, clock=loop.time) if beyond_echo_ms is None else
-               EchoingPlayout(beyond_echo_ms, client_buffer_ms=0, clock=loop.time))
-    session.attach_playout(playout)
-    r = Room(session, playout)
+    config = SessionConfig(output_rate=RATE, bargein=BargeInConfig(client_buffer_ms=0))
+    session = Session("b1", engines, config, clock=loop.time)
+    r = Room(session)
+    if beyond_echo_ms is not None:
+        r.echo = Echo(beyond_echo_ms)
+        session.playout.reference = r.echo
+        session.attach_echo(r.echo)
     async with asyncio.TaskGroup() as tg:
         tg.create_task(session.run())
         tg.create_task(r.transport())
@@ -264,11 +271,10 @@ async def test_a_long_sound_without_words_cuts_the_reply_unless_it_is_only_echo(
         else:
             await room.until(lambda: bool(room.of(ReplyInterrupted)))
         assert [t.text for t in room.of(Transcript) if t.final] == [SCRIPT[200]]
-        playout = room.playout
-        assert isinstance(playout, EchoingPlayout)
-        # judged in the playout's microphone stream, from a little before the sound (it began
-        # after 1.9 s of question and silence) to its latest voiced frame
-        start, end = playout.asked[0]
+        assert room.echo is not None
+        # judged in the microphone's stream, from a little before the sound (it began after
+        # 1.9 s of question and silence) to its latest voiced frame
+        start, end = room.echo.asked[0]
         assert 1900 - 400 <= start <= 1900 - 200 and end >= 1900 + 1000
 
 
@@ -342,9 +348,8 @@ async def test_interrupt_while_the_first_chunk_is_synthesized() -> None:
     tts = FakeTts(RATE, latency_s=3.0)
     session = Session("b2", Engines(FakeVad(), FakeAsr(), FakeLlm(REPLY), tts),
                       SessionConfig(output_rate=RATE), clock=loop.time)
-    playout = Playout(RATE, clock=loop.time)
-    session.attach_playout(playout)
-    r = Room(session, playout)
+    playout = session.playout
+    r = Room(session)
     async with asyncio.TaskGroup() as tg:
         tg.create_task(session.run())
         tg.create_task(r.transport())

@@ -39,10 +39,12 @@ class Ends:
         return lambda *args: None  # on_voice, on_partial, on_tentative … : not needed here
 
 
-async def listen(asr: FakeAsr, audio: Float32Array, adaptive: bool = True) -> Ends:
+async def listen(asr: FakeAsr, audio: Float32Array, adaptive: bool = True,
+                 zh_statement_ms: int | None = None, language: str | None = None) -> Ends:
     ends = Ends()
+    endpoint = EndpointConfig(adaptive=adaptive, zh_statement_ms=zh_statement_ms)
     listener = Listener(FakeVad(), asr, ends,  # type: ignore[arg-type]
-                        ListenerConfig(endpoint=EndpointConfig(adaptive=adaptive)))
+                        ListenerConfig(endpoint=endpoint), language=language)
     channel: Channel[Float32Array] = Channel(100)
     async with asyncio.TaskGroup() as tg:
         task = tg.create_task(listener.run(channel, tg))
@@ -76,6 +78,28 @@ async def test_a_question_at_the_end_still_ends_the_turn_sooner() -> None:
     fixed = (await listen(asr, np.concatenate([voice, np.zeros(24_000, np.float32)]),
                           adaptive=False)).stopped[0] - 1000
     assert adaptive < 500 <= fixed
+
+
+async def test_mandarin_words_that_neither_ask_nor_trail_off_wait_their_own_silence() -> None:
+    """A Mandarin speaker pausing mid-sentence is often transcribed as a finished statement
+    (因为 misheard as 英雄): with ``zh_statement_ms`` those words wait longer than the normal
+    silence; a Mandarin question and English words do not."""
+    voice = np.full(16_000, 0.1, np.float32)  # 1 s, then 1.5 s of silence
+    clip = np.concatenate([voice, np.zeros(24_000, np.float32)])
+
+    async def ended_after(text: str) -> float:
+        ends = await listen(FakeAsr(text, latency_s=0.05), clip, zh_statement_ms=900)
+        return ends.stopped[0] - 1000
+
+    statement = await ended_after("我今天去了商店英雄")
+    assert statement > 850  # 900 ms (in 32 ms frames), not the normal 500
+    assert await ended_after("你今天去了哪里") < 500  # a question: the question's silence
+    assert 450 < await ended_after("I went to the shop today") < 850  # the normal silence
+    # a slow transcript (Whisper on Mandarin) comes after the normal silence: the language
+    # known for the utterance sets the longer silence from the first silent frame
+    slow = await listen(FakeAsr("我今天去了商店", latency_s=0.8), clip, zh_statement_ms=900,
+                        language="zh")
+    assert slow.stopped[0] - 1000 > 850
 
 
 async def test_an_asr_failure_at_the_speculative_final_is_an_error_of_that_turn_alone() -> None:

@@ -15,8 +15,9 @@ from streaming.audio import Float32Array, float_to_pcm16
 from streaming.channels import Channel
 from streaming.conversation import ToolSpec
 from streaming.errors import ProtocolError
-from streaming.events import AudioFormat, Event, ReplyAudio, ReplyDone, ReplyStarted, SessionReady
+from streaming.events import AudioFormat, Event, ReplyDone, ReplyStarted, SessionReady
 from streaming.images import Image
+from streaming.microphone import EchoMeter
 from streaming.mqtt import pack_frame, unpack_frame
 from streaming.mqtt_device import ERROR_BURST, INBOX, DeviceAdapter
 from streaming.playout import Playout
@@ -44,6 +45,8 @@ class ScriptedSession:
         self.closed = False
         self.accepting = asyncio.Event()  # cleared: push_audio waits (a slow listener)
         self.accepting.set()
+        self.playout = Playout(24000, release=self.events.put_nowait)
+        self.echo: EchoMeter | None = None
 
     def ready_event(self) -> SessionReady:
         rate, channels, out = self.formats
@@ -55,9 +58,10 @@ class ScriptedSession:
         if self.started:
             raise ProtocolError("session.start must come first", code="bad_state")
         self.formats = (input_rate, input_channels, output_rate)
+        self.playout.reconfigure(output_rate)
 
-    def attach_playout(self, playout: Playout) -> None:
-        self.playout = playout
+    def attach_echo(self, meter: EchoMeter | None) -> None:
+        self.echo = meter
 
     async def push_audio(self, audio: Float32Array) -> None:
         self.started = True
@@ -196,8 +200,8 @@ async def test_reply_audio_is_paced_and_numbered() -> None:
         adapter.offer("control", START_SEQ)
         await settle()
         session.events.put_nowait(ReplyStarted(1))
-        session.events.put_nowait(ReplyAudio(1, bytes(16000 * 2)))  # 1 s at 16 kHz
-        session.events.put_nowait(ReplyDone(1, "ok"))
+        session.playout.put(1, bytes(16000 * 2))  # 1 s at 16 kHz
+        assert session.playout.after_audio(1, ReplyDone(1, "ok"))
         await asyncio.sleep(0.3)
         early = len(wire.audio())
         assert wire.events()[-1] == {"type": "reply.started", "turn_id": 1}

@@ -1,14 +1,13 @@
-"""The Playout on a virtual clock: pacing ahead of real time, pause/resume/cut, deferred events,
-and the heard estimate."""
+"""The Playout on a virtual clock: pacing ahead of real time, pause/resume/cut, events after a
+turn's audio, and the heard estimate."""
 
 from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
 
-from streaming.events import ReplyDone
+from streaming.events import Event, ReplyDone
 from streaming.playout import Playout
 
 pytestmark = pytest.mark.looptime
@@ -62,20 +61,21 @@ async def test_pause_holds_audio_resume_goes_on_cut_drops_it_and_later_audio() -
 
 async def test_reply_done_waits_for_the_last_audio_and_is_dropped_with_a_cut_turn() -> None:
     loop = asyncio.get_running_loop()
-    playout = Playout(RATE, clock=loop.time)
-    assert not playout.defer(1, ReplyDone(1, "hi"))  # nothing queued: send it now
+    released: list[Event] = []
+    playout = Playout(RATE, release=released.append, clock=loop.time)
+    assert not playout.after_audio(1, ReplyDone(1, "hi"))  # nothing queued: send it now
     playout.put(2, ms(40))
-    assert playout.defer(2, ReplyDone(2, "hello"))
+    assert playout.after_audio(2, ReplyDone(2, "hello"))
     playout.take(640)
-    assert playout.released() == []
+    assert released == []
     playout.take(640)
-    assert playout.released() == [ReplyDone(2, "hello")]
+    assert released == [ReplyDone(2, "hello")]  # as the last audio is taken
     playout.put(3, ms(40))
-    assert playout.defer(3, ReplyDone(3, "cut"))
+    assert playout.after_audio(3, ReplyDone(3, "cut"))
     playout.cut(3)
     playout.put(4, ms(20))
     playout.take(640)
-    assert playout.released() == []
+    assert released == [ReplyDone(2, "hello")]
 
 
 async def test_heard_is_what_was_sent_minus_what_the_client_still_holds() -> None:
@@ -89,34 +89,3 @@ async def test_heard_is_what_was_sent_minus_what_the_client_still_holds() -> Non
     await asyncio.sleep(1)
     assert playout.heard_ms(1) == pytest.approx(500 - 100)  # its jitter buffer is never known
     assert playout.audible(1)  # still queued
-
-
-async def test_voice_beyond_the_echo_is_asked_in_the_microphone_streams_positions() -> None:
-    """The microphone stream's position runs on across a new echo canceller (session.start
-    again on a resumed session): a stretch is found where its audio went through."""
-    rng = np.random.default_rng(0)
-    playout = Playout(RATE, client_aec=False)
-    assert playout.voice_beyond_echo_ms(0, 1000) is None  # nothing heard yet
-    playout.mic(np.zeros(RATE, dtype=np.float32))  # 1 s of silence, no reply audio
-    assert playout.mic_samples == RATE
-    assert playout.voice_beyond_echo_ms(0, 1000) is None  # no reply played: nothing to echo
-    playout.reconfigure(RATE, client_aec=False)
-    reply = (0.3 * rng.standard_normal(2 * RATE) * np.repeat(rng.random(100), 320)
-             ).astype(np.float32)
-    playout.put(1, (reply * 32767).astype("<i2").tobytes())
-    # the reply comes back 100 ms before its time, where AEC3 cannot remove it; in the
-    # second second a voice much louder than it joins (a 300 Hz tone, 0.4 s)
-    mic = 0.5 * np.concatenate([reply[1600:], np.zeros(1600, dtype=np.float32)])
-    voice = RATE + np.arange(RATE * 4 // 10)
-    mic[voice] += 0.9 * np.sin(2 * np.pi * 300 * voice / RATE).astype(np.float32)
-    for k in range(100):
-        playout.take(640)
-        playout.mic(mic[k * 320:(k + 1) * 320])
-    assert playout.mic_samples == 3 * RATE
-    assert playout.echo is not None
-    first = playout.voice_beyond_echo_ms(1000, 2000)  # the first second of this canceller ...
-    assert first is not None and first == playout.echo.voice_beyond_echo_ms(0, 101)  # ... is
-    second = playout.voice_beyond_echo_ms(2000, 3000)
-    assert first < 50 and second is not None and second >= 200  # echo alone; the voice
-    assert playout.voice_beyond_echo_ms(0, 900) is None  # before this canceller: unknown
-    assert Playout(RATE).voice_beyond_echo_ms(0, 1000) is None  # the client cancels its own echo

@@ -4,7 +4,7 @@ import pytest
 
 from streaming.audio import InputConverter
 from streaming.errors import ProtocolError
-from streaming.events import Error, Metrics, ReplyAudio, Transcript
+from streaming.events import Error, Metrics, Transcript
 from streaming.protocol import (
     MAX_TEXT_MESSAGE_BYTES,
     SessionStart,
@@ -58,7 +58,6 @@ def test_events_encode() -> None:
     assert json.loads(encode_event(Error("busy", "full", True)))["fatal"] is True
     assert json.loads(encode_event(Metrics(1, {"first_audio_sent": 123.456})))["stages"] == {
         "first_audio_sent": 123.5}
-    assert encode_event(ReplyAudio(1, b"\x01\x02")) == b"\x01\x02"
 
 
 def test_input_converter_downmixes_and_resamples() -> None:

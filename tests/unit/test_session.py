@@ -10,7 +10,8 @@ import pytest
 
 from pipelines.engines.base import DEFAULT_SAMPLING, ChatMessage, Sampling, ToolCall, ToolSpec
 from pipelines.engines.fakes import FakeAsr, FakeLlm, FakeTts, FakeVad
-from pipelines.session import LANGUAGE_HINTS, Engines, Session, SessionConfig
+from pipelines.prompt import LANGUAGE_HINTS
+from pipelines.session import Engines, Session, SessionConfig
 from pipelines.text import main_script
 from pipelines.voices import Voices
 from streaming.errors import EngineError
@@ -18,12 +19,12 @@ from streaming.events import (
     Error,
     Event,
     Metrics,
-    ReplyAudio,
     ReplyDone,
     ReplyStarted,
     SpeechStopped,
     Transcript,
 )
+from tests.unit.transport import serve
 
 pytestmark = pytest.mark.looptime
 
@@ -48,15 +49,21 @@ async def speak(session: Session, *parts: np.ndarray) -> None:
 
 
 class Harness:
+    """A transport's view of a session: its events as they come, its reply audio as a client
+    takes it (real time, 200 ms ahead), with the events that follow that audio."""
+
     def __init__(self, session: Session, log: list[str]) -> None:
         self.session = session
         self.events: list[Event] = []
+        self.audio = bytearray()
         self.log = log
 
     async def collect(self) -> None:
-        async for ev in self.session.events:
-            self.events.append(ev)
-            self.log.append(type(ev).__name__)
+        await serve(self.session, self._got, self.audio.extend)
+
+    def _got(self, ev: Event) -> None:
+        self.events.append(ev)
+        self.log.append(type(ev).__name__)
 
     def of(self, kind: type) -> list:
         return [e for e in self.events if isinstance(e, kind)]
@@ -88,7 +95,7 @@ async def settle(seconds: float = 5.0) -> None:
 async def test_spoken_turn_produces_the_whole_event_sequence(harness: Harness) -> None:
     await speak(harness.session, silence(300), tone(1500), silence(900))
     await settle()
-    names = [type(e).__name__ for e in harness.events if not isinstance(e, ReplyAudio)]
+    names = [type(e).__name__ for e in harness.events]
     assert names[:2] == ["SpeechStarted", "Transcript"]  # a partial while speaking
     finals = [t for t in harness.of(Transcript) if t.final]
     assert [t.text for t in finals] == ["what is the answer"]
@@ -96,8 +103,7 @@ async def test_spoken_turn_produces_the_whole_event_sequence(harness: Harness) -
     assert names[-2:] == ["Metrics", "ReplyDone"]  # reply.done is the turn's last event
     done = harness.of(ReplyDone)[0]
     assert done.text == "Sure, the answer is forty two. Anything else?"
-    audio = b"".join(a.pcm for a in harness.of(ReplyAudio))
-    assert len(audio) > 0 and len(audio) % 2 == 0
+    assert len(harness.audio) > 0 and len(harness.audio) % 2 == 0
     stages = harness.of(Metrics)[0].stages
     assert set(stages) == {"turn_started", "prompt_ready", "transcript_final", "llm_first_token",
                            "first_chunk", "tts_first_audio", "first_audio_sent"}

