@@ -41,7 +41,8 @@ class NaiveSession:
         self.asr = asr or engines.asr
         self.config = config
         self.events: Channel[Event] = Channel(512)
-        self.playout = Playout(config.output_rate)  # no room limit taken: the whole reply at once
+        # the whole reply goes in at once (no room taken); reply.done follows its last audio
+        self.playout = Playout(config.output_rate, release=self.events.put_nowait)
         self._vad = engines.vad.new_stream()
         self._seg = Segmenter(config.listener.segmenter, engines.vad.frame_samples)
         self._pending = np.zeros(0, dtype=np.float32)

@@ -49,9 +49,8 @@ class EchoReference(Protocol):
 
 
 class Playout:
-    def __init__(self, rate: int, *, max_buffer_ms: int = 2000, client_buffer_ms: int = 100,
-                 release: Callable[[Event], None] = lambda event: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, rate: int, *, release: Callable[[Event], None], max_buffer_ms: int = 2000,
+                 client_buffer_ms: int = 100, clock: Callable[[], float] = time.monotonic) -> None:
         """``release``: where the events held for a turn's audio go once it has been taken
         (the session's event channel)."""
         self.rate = rate

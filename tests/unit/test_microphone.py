@@ -17,7 +17,7 @@ class Listening:
     """The parts of a session a microphone talks to."""
 
     def __init__(self) -> None:
-        self.playout = Playout(RATE)
+        self.playout = Playout(RATE, release=lambda event: None)  # (no turn's events are held here)
         self.heard: list[Float32Array] = []
         self.echo: EchoMeter | None = None
 

@@ -21,7 +21,7 @@ def ms(n: float) -> bytes:
 
 async def test_paced_sends_the_first_chunk_at_once_then_stays_lead_ms_ahead() -> None:
     loop = asyncio.get_running_loop()
-    playout = Playout(RATE, client_buffer_ms=0, clock=loop.time)
+    playout = Playout(RATE, release=lambda event: None, client_buffer_ms=0, clock=loop.time)
     playout.put(1, ms(1000))
     t0 = loop.time()
     sent: list[tuple[float, int]] = []
@@ -43,7 +43,7 @@ async def test_paced_sends_the_first_chunk_at_once_then_stays_lead_ms_ahead() ->
 
 async def test_pause_holds_audio_resume_goes_on_cut_drops_it_and_later_audio() -> None:
     loop = asyncio.get_running_loop()
-    playout = Playout(RATE, clock=loop.time)
+    playout = Playout(RATE, release=lambda event: None, clock=loop.time)
     playout.put(1, ms(100))
     assert len(playout.take(640)) == 640  # 20 ms
     playout.pause()
@@ -80,7 +80,7 @@ async def test_reply_done_waits_for_the_last_audio_and_is_dropped_with_a_cut_tur
 
 async def test_heard_is_what_was_sent_minus_what_the_client_still_holds() -> None:
     loop = asyncio.get_running_loop()
-    playout = Playout(RATE, client_buffer_ms=100, clock=loop.time)
+    playout = Playout(RATE, release=lambda event: None, client_buffer_ms=100, clock=loop.time)
     playout.put(1, ms(1000))
     playout.take(len(ms(500)))  # 500 ms sent at once: the client holds all of it
     assert playout.heard_ms(1) == 0
