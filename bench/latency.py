@@ -176,7 +176,8 @@ async def measure_realtime(url: str, audio, rate: int) -> Result:  # type: ignor
                 audio=base64.b64encode(float_to_pcm16(x[i:i + step])).decode())
             if i < end_voiced <= i + step:
                 voiced_at = time.monotonic()
-        text = await asyncio.wait_for(reader, 60)
+        async with asyncio.timeout(60):
+            text = await reader
     assert first_audio, "no reply audio"
     return (first_audio[0] - voiced_at) * 1000, {}, text
 

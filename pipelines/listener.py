@@ -276,11 +276,11 @@ class Listener:
     async def _partial(self, utt: _Utterance, audio: Float32Array, audio_ms: int) -> None:
         """A partial transcript. A newer partial of this session supersedes it while it is
         still queued (the scheduler drops it unrun: it would be stale)."""
-        try:
-            result = await asyncio.wait_for(self._asr.transcribe(
-                audio, language=utt.language, priority=Priority.ASR_PARTIAL,
-                session=self.session_id, key=("partial", self.session_id)),
-                PARTIAL_DEADLINE_S)
+        try:  # asyncio.timeout, not wait_for: on Python 3.11 a cancelled wait_for can return
+            async with asyncio.timeout(PARTIAL_DEADLINE_S):  # (streaming/mqtt_calls.py)
+                result = await self._asr.transcribe(
+                    audio, language=utt.language, priority=Priority.ASR_PARTIAL,
+                    session=self.session_id, key=("partial", self.session_id))
         except TimeoutError:  # a partial this late is worth nothing (cancelling drops it)
             return
         except Dropped:

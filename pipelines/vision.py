@@ -154,10 +154,9 @@ class Looker:
         if self._newest is None:
             return None
         frame = self._newest
-        try:
-            return await asyncio.wait_for(
-                self._look(frame, thumbprint(frame), question, Priority.LLM),
-                self.config.on_demand_timeout_s)
+        try:  # not wait_for: on Python 3.11 it can swallow a barge-in's cancellation
+            async with asyncio.timeout(self.config.on_demand_timeout_s):
+                return await self._look(frame, thumbprint(frame), question, Priority.LLM)
         except (TimeoutError, Dropped):
             return None
 

@@ -49,6 +49,7 @@ from streaming.mqtt import (
     topic,
     valid_device_id,
 )
+from streaming.mqtt_calls import publish, subscribe, unsubscribe
 from streaming.mqtt_device import DeviceAdapter, Restore
 from streaming.mqtt_fleet import (
     CLUSTER_SUB,
@@ -191,7 +192,7 @@ class MqttBridge:
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         for topic_filter, qos in subscriptions(self.prefix):
-            await client.subscribe(topic_filter, qos=qos)
+            await subscribe(client, topic_filter, qos=qos)
         self.connected = True
         self.connects += 1
         log.info("MQTT: connected as %s, serving %s/+/…", self.client_id, self.prefix)
@@ -205,7 +206,7 @@ class MqttBridge:
         # No await between taking a message and handing it to paho: messages leave in order.
         while True:
             name, payload, qos, retain = await self.outbox.get()
-            await client.publish(name, payload, qos=qos, retain=retain)
+            await publish(client, name, payload, qos=qos, retain=retain)
 
     async def _farewell(self, client: aiomqtt.Client) -> None:
         """Shutting down: publish what still waits in the outbox (the ``session.closing`` of a
@@ -214,7 +215,7 @@ class MqttBridge:
             async with asyncio.timeout(FAREWELL_S):
                 while len(self.outbox):
                     name, payload, qos, retain = await self.outbox.get()
-                    await client.publish(name, payload, qos=qos, retain=retain)
+                    await publish(client, name, payload, qos=qos, retain=retain)
 
     async def _expire_idle(self) -> None:
         idle = self.settings.idle_timeout_s
@@ -441,7 +442,7 @@ class ClusterBridge(MqttBridge):
         """Read every node's presence and every owner record, say this node is here, reconcile
         what it serves with what the broker says, then take devices."""
         filters = [(f, QOS[CONTROL]) for f in cluster_filters(self.prefix, self.node_id)]
-        await client.subscribe(filters, properties=_subscription(CLUSTER_SUB))
+        await subscribe(client, filters, properties=_subscription(CLUSTER_SUB))
         self.fleet.draining = self.state.draining
         await self._announce(client)
         await self._barrier(client)  # the retained records came before it
@@ -456,7 +457,7 @@ class ClusterBridge(MqttBridge):
         served = [f for device in sorted(self.fleet.local)
                   for f in device_filters(self.prefix, device)]
         if served:
-            await client.subscribe(served, properties=_subscription(DIRECT))
+            await subscribe(client, served, properties=_subscription(DIRECT))
         self._saved.clear()  # every conversation goes to the broker again (it may have restarted)
         self.connected = True
         self.connects += 1
@@ -469,11 +470,11 @@ class ClusterBridge(MqttBridge):
         await self._follow_drain(client)
 
     async def _announce(self, client: aiomqtt.Client) -> None:
-        await client.publish(self._record_topic("node", self.node_id),
+        await publish(client, self._record_topic("node", self.node_id),
                              self.fleet.presence().encode(), qos=1, retain=True)
 
     async def _publish_claim(self, client: aiomqtt.Client, device: str, claim: Claim) -> None:
-        await client.publish(self._record_topic("owner", device), claim.encode(), qos=1,
+        await publish(client, self._record_topic("owner", device), claim.encode(), qos=1,
                              retain=True)
 
     async def _barrier(self, client: aiomqtt.Client) -> None:
@@ -484,7 +485,7 @@ class ClusterBridge(MqttBridge):
         arrived = asyncio.get_running_loop().create_future()
         self._barriers[token] = arrived
         try:
-            await client.publish(self._record_topic("sync", self.node_id), token.encode(), qos=1)
+            await publish(client, self._record_topic("sync", self.node_id), token.encode(), qos=1)
             async with asyncio.timeout(BARRIER_S):
                 await arrived
         except TimeoutError:
@@ -498,7 +499,7 @@ class ClusterBridge(MqttBridge):
         other nodes (presence) and leave the shared subscription, so new devices and those
         this node closes go elsewhere."""
         if not self.state.draining:
-            await client.subscribe(shared_filter(self.prefix, self.group), qos=QOS[CONTROL],
+            await subscribe(client, shared_filter(self.prefix, self.group), qos=QOS[CONTROL],
                                    properties=_subscription(SHARED))
             self.shared = True
         while not self.state.draining:  # noqa: ASYNC110 (AppState has no drain event to wait on)
@@ -506,7 +507,7 @@ class ClusterBridge(MqttBridge):
         self.fleet.draining = True
         await self._announce(client)
         if self.shared:
-            await client.unsubscribe(shared_filter(self.prefix, self.group))
+            await unsubscribe(client, shared_filter(self.prefix, self.group))
             self.shared = False
         log.info("MQTT: node %s is draining: it takes no more devices", self.node_id)
 
@@ -516,7 +517,7 @@ class ClusterBridge(MqttBridge):
         await super()._farewell(client)
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             async with asyncio.timeout(FAREWELL_S):
-                await client.publish(self._record_topic("node", self.node_id), b"", qos=1,
+                await publish(client, self._record_topic("node", self.node_id), b"", qos=1,
                                      retain=True)
 
     # ---- messages ---------------------------------------------------------------------
@@ -626,7 +627,7 @@ class ClusterBridge(MqttBridge):
             # the claim is on the broker before the device can hear session.ready, so every
             # node knows the device is served before its next message reaches one of them
             await self._publish_claim(client, device, claim)
-            await client.subscribe(device_filters(self.prefix, device),
+            await subscribe(client, device_filters(self.prefix, device),
                                    properties=_subscription(DIRECT))
             carried = (await self._read_conversation(client, device)
                        if self.settings.history_on_broker else [])
@@ -648,9 +649,9 @@ class ClusterBridge(MqttBridge):
         record = self._record_topic("state", device)
         self._carried[device] = b""
         try:
-            await client.subscribe(record, qos=QOS[CONTROL], properties=_subscription(STATE_SUB))
+            await subscribe(client, record, qos=QOS[CONTROL], properties=_subscription(STATE_SUB))
             await self._barrier(client)
-            await client.unsubscribe(record)
+            await unsubscribe(client, record)
             payload = self._carried.get(device, b"")
         finally:
             self._carried.pop(device, None)
@@ -705,10 +706,10 @@ class ClusterBridge(MqttBridge):
         if client is None or links is None:
             return  # off the broker: the next connection subscribes only what is served
 
-        async def unsubscribe() -> None:
+        async def leave() -> None:
             with contextlib.suppress(aiomqtt.MqttError):
-                await client.unsubscribe([f for f, _ in device_filters(self.prefix, device)])
-        links.create_task(unsubscribe())
+                await unsubscribe(client, [f for f, _ in device_filters(self.prefix, device)])
+        links.create_task(leave())
 
     # ---- housekeeping -----------------------------------------------------------------
 

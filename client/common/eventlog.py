@@ -176,7 +176,8 @@ class EventLog:
             if not predicate():
                 raise ConnectionError("connection closed before the awaited event")
         try:
-            await asyncio.wait_for(wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await wait()
         except TimeoutError:
             raise TimeoutError(f"nothing awaited came in {timeout_s} s; the last events: "
                                f"{self.summary()}") from None

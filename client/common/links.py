@@ -35,6 +35,7 @@ from streaming.mqtt import (
     unpack_frame,
     valid_device_id,
 )
+from streaming.mqtt_calls import publish, subscribe
 
 Incoming = JsonEvent | bytes  # an event (as it came), or a piece of reply audio
 FLUSH_AFTER_S = 0.25  # numbered reply audio held for a missing frame: played after this long
@@ -99,8 +100,8 @@ class MqttLink:
                     username=unquote(u.username) if u.username else None,
                     password=unquote(u.password) if u.password else None,
                     tls_params=self.tls, max_queued_incoming_messages=1000) as client:
-                await client.subscribe(topic(self.prefix, self.device_id, EVENTS), qos=QOS[EVENTS])
-                await client.subscribe(topic(self.prefix, self.device_id, AUDIO_OUT),
+                await subscribe(client, topic(self.prefix, self.device_id, EVENTS), qos=QOS[EVENTS])
+                await subscribe(client, topic(self.prefix, self.device_id, AUDIO_OUT),
                                        qos=QOS[AUDIO_OUT])
                 yield MqttConnection(self, client)
         except aiomqtt.MqttError as e:
@@ -118,7 +119,7 @@ class MqttConnection:
 
     async def _publish(self, kind: str, payload: bytes) -> None:
         try:
-            await self._client.publish(self._topics[kind], payload, qos=QOS[kind])
+            await publish(self._client, self._topics[kind], payload, qos=QOS[kind])
         except aiomqtt.MqttError as e:
             raise ConnectionError(f"MQTT: {e}") from e
 

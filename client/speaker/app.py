@@ -48,7 +48,8 @@ from streaming.channels import Channel, Full
 
 log = logging.getLogger(__name__)
 
-START_RETRY_S = 2.0  # session.start is repeated this often until session.ready (MQTT)
+START_RETRY_S = 2.0  # session.start is repeated after this long without session.ready (MQTT),
+# then after twice as long each time (up to RECONNECT_MAX_S)
 PTT_TAIL_MS = 1000  # silence sent when push-to-talk ends: the server's VAD closes the utterance
 RECONNECT_MAX_S = 10.0
 SESSION_LOST = ("no_session", "expired")  # MQTT: the server forgot us; start again
@@ -180,14 +181,17 @@ class Speaker:
     async def _keep_session(self, conn: Connection) -> None:
         """Repeat ``session.start`` until it is answered (MQTT: the server may not be on the
         broker yet), and start again whenever the server says it lost the session."""
+        wait_s = START_RETRY_S
         while True:
             if self.link.resend_start and not self.ready.is_set():
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(START_RETRY_S):
+                    async with asyncio.timeout(wait_s):
                         await self.ready.wait()
-                if not self.ready.is_set():
-                    await conn.send(self._start_message())
+                if not self.ready.is_set():  # again, waiting longer each time: a busy server
+                    await conn.send(self._start_message())  # answers each one it gets
+                    wait_s = min(wait_s * 2, RECONNECT_MAX_S)
                     continue
+            wait_s = START_RETRY_S
             await self._lost.wait()
             if not self._moving:
                 await asyncio.sleep(START_RETRY_S)  # e.g. busy: do not hammer the server

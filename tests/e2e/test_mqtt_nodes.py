@@ -374,10 +374,12 @@ async def test_the_speaker_leaves_a_draining_node_by_itself_with_its_conversatio
     assert run.result() == 0 and code == 0
     closing = events("session.closing")
     assert len(closing) == 1 and closing[0]["reconnect"] is True
-    readies = events("session.ready")
-    assert len(readies) == 2, (readies, closing, events("error"))
-    first, second = readies
-    assert second["resumed"] is True and second["session_id"] != first["session_id"]
+    # the first session, then the other node's (a start it was slow to answer went again, and
+    # each answer is a session.ready of the same resumed session)
+    first, *again = events("session.ready")
+    assert again and {(e["session_id"], e["resumed"]) for e in again} == {
+        (again[0]["session_id"], True)}, (first, again, closing, events("error"))
+    assert again[0]["session_id"] != first["session_id"]
     assert records.owner("nd-speaker") == other
     said = [e["text"] for e in events("transcript") if e["final"]]
     assert len(said) == 2 and "oscar" in said[0].lower(), said
