@@ -316,7 +316,7 @@ class Session(FloorActions, ConversationItems):
             language = self.config.language or self._language
         elif language is None:  # a typed turn: the session's language, else Chinese by script
             language = self.config.language or ("zh" if main_script(user_text) == "han" else None)
-        turn = Turn(turn_id, user_text, [], self.engines.llm, self.engines.tts, self.events,
+        turn = Turn(turn_id, user_text, self.engines.llm, self.engines.tts, self.events,
                     self.playout, self.config.output_rate, self.config.turn, self.clock,
                     session_id=self.session_id, on_metrics=self.on_metrics, language=language,
                     options=options or self.reply_options, tools=self.tools.offered(),
@@ -360,8 +360,7 @@ class Session(FloorActions, ConversationItems):
         try:
             if turn.user_text is None and self._committing is not None:
                 await asyncio.wait([self._committing])  # the words committed before this reply
-            turn.messages = await self._prompt(turn)
-            await turn.run()
+            await turn.run(await self._prompt(turn))
             completed = True
         except* VoxlensError as group:
             for e in group.exceptions:

@@ -59,7 +59,6 @@ class Turn:
 
     turn_id: int
     user_text: str | None  # None: a reply to the conversation so far (no new words)
-    messages: Sequence[ChatMessage]
     llm: Llm
     tts: Tts
     events: Channel[Event]
@@ -115,8 +114,9 @@ class Turn:
     def _mark(self, stage: str) -> None:
         self.marks.setdefault(stage, self.clock())
 
-    async def run(self) -> str:
-        """Generate, speak and emit the reply; returns its text.
+    async def run(self, prompt: Sequence[ChatMessage]) -> str:
+        """Generate (from ``prompt``, composed once the turn was due: it may have looked at the
+        scene first), speak and emit the reply; returns its text.
 
         Cancelling it stops the LLM (before its next token) and drops queued TTS
         work; events already handed to the session's channel stay there.
@@ -124,24 +124,25 @@ class Turn:
         outbox: Channel[ReplyText | _Audio] = Channel(256)
         chunks: Channel[str] = Channel(32)
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._generate(outbox, chunks))
+            tg.create_task(self._generate(prompt, outbox, chunks))
             tg.create_task(self._speak(chunks, outbox))
             await self._emit(outbox)
         return self.text
 
-    def _deltas(self) -> AsyncIterator[str | ToolCall]:
+    def _deltas(self, prompt: Sequence[ChatMessage]) -> AsyncIterator[str | ToolCall]:
         self._mark("prompt_ready")
         o = self.options
         if o.script is not None:
             return _said(o.script)
         tools = () if o.tool_choice == "none" else self.tools
-        return self.llm.stream(self.messages, max_tokens=o.max_tokens or self.config.max_tokens,
+        return self.llm.stream(prompt, max_tokens=o.max_tokens or self.config.max_tokens,
                                session=self.session_id, tools=tools,
                                sampling=Sampling(o.temperature, o.tool_choice))
 
-    async def _generate(self, outbox: Channel[ReplyText | _Audio], chunks: Channel[str]) -> None:
+    async def _generate(self, prompt: Sequence[ChatMessage], outbox: Channel[ReplyText | _Audio],
+                        chunks: Channel[str]) -> None:
         chunker = Chunker(self.config.first_chunk_words)
-        deltas = self._deltas()
+        deltas = self._deltas(prompt)
         try:
             async for delta in deltas:
                 self._mark("llm_first_token")
