@@ -16,7 +16,10 @@ asks for (streaming/echo.py): the most of it in any second of the echo alone, an
 person's words over the echo.
 Then a client that sends microphone audio only while the person talks: the reply plays
 with no microphone audio coming, and the person's question follows after a pause (on a
-virtual clock); prints what of the question survives the canceller.
+virtual clock); prints what of the question survives the canceller. Last, a microphone with
+no echo at all (headphones): a person's words over the first reply (nothing known yet: AEC3
+runs) and over a later one (the canceller judged the echo absent and passes the audio): how
+far the output is from the words said, and what Moonshine (English finals) hears in it.
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ def main() -> None:
                   f" {rtf:6.3f}")
     alignment(vad, reply, person)
     restarts(vad, reply)
+    no_echo(reply)
 
 
 def alignment(vad: SileroVad, reply: Float32Array, person: Float32Array) -> None:
@@ -167,6 +171,50 @@ def restarts(vad: SileroVad, reply: Float32Array) -> None:
     for pause in (0.0, 0.3, 1.0, 5.0):
         out = after_silent_stretch(reply, question, pause)
         print(f"{pause:8.1f} {db(out) - db(question):38.1f} {clean:17d} / {voiced_ms(vad, out):<10d}")
+
+
+def no_echo(reply: Float32Array) -> None:
+    from pipelines.engines.asr_moonshine import MoonshineAsr
+    from pipelines.models import default_cache_dir, moonshine_tiny
+
+    asr = MoonshineAsr(moonshine_tiny(default_cache_dir()), None)  # type: ignore[arg-type]
+    t = [0.0]
+    aec = EchoCanceller(16_000, clock=lambda: t[0])
+    noise = np.random.default_rng(1).normal(0, 10 ** (-60 / 20), reply.size).astype(np.float32)
+    print("\nno echo at all (headphones): a person over the reply, room noise -60 dBFS")
+    print(f"{'reply':>6} {'echo judged':>11} {'output - said dB':>16}  Moonshine hears")
+    for words in ("What your country can do for you.", "Ask what you can do for your country.",
+                  "Stop, what is the capital of Spain?"):
+        person = piper(words)
+        at = reply.size // 4
+        said = noise.copy()
+        said[at:at + person.size] += person[:reply.size - at]
+        for k in range(2):  # the first reply of a session, then a later one
+            if k == 0:
+                aec = EchoCanceller(16_000, clock=lambda: t[0])
+            judged = "absent" if aec.echo_absent else "unknown"
+            out = _play(aec, t, reply, said)
+            seg = slice(at, at + person.size)
+            err = db(out[seg] - said[seg]) - db(said[seg])
+            print(f"{k + 1:>6} {judged:>11} {err:16.1f}  {asr.run(out[seg]).text!r}", flush=True)
+        print(f"{'said':>6} {'':>11} {'':>16}  {asr.run(said[at:at + person.size]).text!r}")
+
+
+def _play(aec: EchoCanceller, t: list[float], reply: Float32Array, mic: Float32Array
+          ) -> Float32Array:
+    """One reply played (sent 200 ms ahead) while the microphone streams ``mic`` in 20 ms
+    messages on the virtual clock ``t``; the output lined up with ``mic``."""
+    lead = 16 * 200
+    pcm = float_to_pcm16(reply)
+    aec.played(pcm[:2 * lead])
+    out = []
+    for k in range(mic.size // 320):
+        ahead = pcm[2 * (lead + 320 * k):2 * (lead + 320 * (k + 1))]
+        if ahead:
+            aec.played(ahead)
+        out.append(aec.capture(mic[320 * k:320 * (k + 1)]))
+        t[0] += 0.02
+    return np.concatenate(out)[160:]
 
 
 if __name__ == "__main__":

@@ -20,24 +20,17 @@ Measured (bench/README.md): ~27 dB echo removed at
 
 Late microphone audio. Lockstep pairs each reply chunk with the microphone audio *processed*
 after it was sent, which is the audio *captured* after it played only while the server takes
-the microphone in on time. An overloaded server does not: its event loop is held up for
-0.1-0.8 s, often just as TTS finishes a chunk (2 cores, 6 busy loops beside the server), the
-microphone audio waits in the transport meanwhile and comes in a burst afterwards, and the
-chunk sent at the same wake-up was paired with that backlog, captured before it played. Each
-time the reply resumed after a TTS gap, the echo's lag grew by the backlog of that moment
-(recorded runs of tests/e2e/test_mqtt.py's speaker without echo cancellation: 150 ms with the
-server on time, then 200, 290 and 170 ms after the next chunks; 1.06 s after a chunk sent at
-the end of a 0.8 s hold-up), and the burst was taken for a restart of the microphone stream,
-which dropped reference audio still to come back as echo. AEC3 lost the echo, and
-``voice_beyond_echo_ms``, predicting it at the lag measured before, counted its onsets as a
-person's voice: the reply cut itself off. So the reference keeps to the wall clock: reply
-audio sent after the client ran out of it is paired only with microphone audio captured
-after it was sent (the stream's own clock, ``_mic_at``, says when: it runs on with the audio,
-behind the wall clock while a backlog lasts), after as much silence as the reference still
-queued. A gap in the microphone stream is a restart only when the server sent reply audio
-during it (it was running, and no audio came) or when the stream has not caught up after
-``STALL_S``; otherwise its audio is a backlog, in lockstep with the reference
-(tests/unit/test_echo_gaps.py).
+the microphone in on time. An overloaded server's loop is held up 0.1-0.8 s, often as TTS
+finishes a chunk; the microphone audio then comes in a burst, and the chunk sent at that
+wake-up was paired with a backlog captured before it played: the echo's lag grew by the
+backlog each time (150 -> 290 ms, once 1.06 s), the burst looked like a restart, AEC3 lost the
+echo and barge-in counted its onsets as a voice (docs/ARCHITECTURE.md). So the reference keeps
+to the wall clock: reply audio sent after the client ran out of it is paired only with
+microphone audio captured after it was sent (the stream's own clock, ``_mic_at``, behind the
+wall clock while a backlog lasts), after as much silence as the reference still queued. A gap
+in the microphone stream is a restart only when the server sent reply audio during it or when
+the stream has not caught up after ``STALL_S``; otherwise it is a backlog, in lockstep with the
+reference (tests/unit/test_echo_gaps.py).
 
 Alignment. AEC3 only cancels echo that comes *after* its reference, by at most about
 half a second (bench/echo.py: an echo in the same 10 ms frame as its reference, or earlier,
@@ -49,6 +42,17 @@ comes 10 ms after its reference. (Handing 100 ms of reference over ahead when re
 starts widened the window further, but each pause of the reply loses that lead and
 handing it over again shifts AEC3's alignment: it failed within a few barge-in pauses.)
 The stream-delay hint (``set_stream_delay_ms``) does not widen AEC3's reach.
+
+No echo at all (headphones, a client that plays nothing). AEC3, finding no echo to remove,
+still bends a voice said over the reply (bench/echo.py: Moonshine heard "What your country can
+do for you." as "You're not."). So at each lag measurement the canceller judges whether the
+microphone carries the reply: *absent* after ``ABSENT_WINDOWS`` in a row where the reference
+sounded through most of the window and the input stayed flat (room noise within ``FLAT_DB``)
+and ``BELOW_REF_DB`` under it: the audio then passes as it came (AEC3 runs on beside it).
+*Found* when the lag is measured (once absent, at ``FOUND_CORRELATION``: a person's words
+follow the reply by chance up to ~0.5, its echo 0.8+): AEC3's output again. The first reply
+of a session is always cancelled; echo that appears later passes until its lag is measured
+(about a second); barge-in's evidence reads the input either way.
 
 Evidence. Whatever AEC3 leaves (a client outside that window, AEC3 still converging or
 thrown off by a change of the echo's delay) can be transcribed as words, so barge-in does
@@ -96,6 +100,14 @@ LAG_EVERY_FRAMES = 100
 LAG_WINDOW_FRAMES = 150
 LAG_MIN_FRAMES = 50
 LAG_MIN_CORRELATION = 0.5
+# No echo: the input flat (loud frames within FLAT_DB of quiet ones) and BELOW_REF_DB under the
+# reference sounding through at least SOUNDING_SHARE of a measurement's window, ABSENT_WINDOWS
+# measurements in a row (about 2.5 s of a reply).
+ABSENT_WINDOWS = 2
+FLAT_DB = 6.0
+BELOW_REF_DB = 20.0
+SOUNDING_SHARE = 0.5
+FOUND_CORRELATION = 0.7  # the lag measured again, once the echo was judged absent
 # The echo a frame can hold: the reference from SMEAR_PRE frames after the echo's lag (the lag
 # jitters) to SMEAR_FRAMES before it, each frame further back weighed down by SMEAR_DECAY
 # (the room's reflections and reverberation), times the echo path's gain per band, fitted
@@ -146,6 +158,8 @@ class EchoCanceller:
         self._active = np.zeros(HISTORY_FRAMES, dtype=bool)  # the frame had a reference
         self.frames = 0  # output frames so far (position of the output stream, 10 ms each)
         self.echo_lag: int | None = None  # frames from the schedule to the echo, once measured
+        self.echo_absent = False  # the microphone carries no echo of the reply: it passes as is
+        self._absent_windows = 0  # lag measurements in a row that found input with no echo
 
     def played(self, pcm: bytes) -> None:
         """Reply audio (s16le mono at the output rate) as it leaves for the client."""
@@ -254,7 +268,7 @@ class EchoCanceller:
         self._active[k] = True
         if self.frames % LAG_EVERY_FRAMES == 0:
             self._measure_lag()
-        return out
+        return mic if self.echo_absent else out
 
     def voice_beyond_echo_ms(self, start: int, end: int) -> int | None:
         """How long, in the microphone frames ``start``..``end`` (positions in ``frames``),
@@ -308,14 +322,15 @@ class EchoCanceller:
         beyond = (power > predicted * 10 ** (EXCESS_DB / 10)) & (power > 10 * noise.sum())
         return int(beyond[start - first:].sum()) * 1000 * FRAME // MODEL_RATE
 
-    def _best_lag(self, start: int, end: int) -> int | None:
+    def _best_lag(self, start: int, end: int,
+                  min_correlation: float = LAG_MIN_CORRELATION) -> int | None:
         """The lag the input follows the reference best at over these frames (before the
-        first measurement), when it does."""
+        first measurement), when it does (by ``min_correlation``)."""
         if end - start < LAG_MIN_FRAMES:
             return None
         corr = self._lag_correlations(start, end)
         best = int(np.argmax(corr))
-        return int(MIN_LAG_FRAMES + best) if corr[best] >= LAG_MIN_CORRELATION else None
+        return int(MIN_LAG_FRAMES + best) if corr[best] >= min_correlation else None
 
     def _update_envelopes(self) -> None:
         """Compute the envelopes of the frames recorded since the last call."""
@@ -334,9 +349,29 @@ class EchoCanceller:
         if start - MAX_LAG_FRAMES < max(0, self.frames - HISTORY_FRAMES):
             return  # not enough history yet
         self._update_envelopes()
-        lag = self._best_lag(start, end)
+        lag = self._best_lag(start, end, FOUND_CORRELATION if self.echo_absent else
+                             LAG_MIN_CORRELATION)
         if lag is not None:
             self.echo_lag = lag
+            self.echo_absent, self._absent_windows = False, 0
+        elif self._no_echo(start, end):
+            self._absent_windows += 1
+            self.echo_absent = self.echo_absent or self._absent_windows >= ABSENT_WINDOWS
+        else:
+            self._absent_windows = 0
+
+    def _no_echo(self, start: int, end: int) -> bool:
+        """Whether the reference sounded through these frames and the input held nothing but
+        steady room noise, far under it (module docstring, "No echo at all")."""
+        idx = np.arange(start, end) % HISTORY_FRAMES
+        ref = (10.0 ** self._env[REF, idx]).sum(axis=1)
+        sounding = ref > SOUNDING
+        if sounding.mean() < SOUNDING_SHARE:
+            return False
+        heard = (10.0 ** self._env[IN, idx]).sum(axis=1)
+        quiet, loud = np.percentile(heard, [10, 90])
+        return bool(loud <= quiet * 10 ** (FLAT_DB / 10)
+                    and loud <= np.median(ref[sounding]) * 10 ** (-BELOW_REF_DB / 10))
 
     def _lag_correlations(self, start: int, end: int) -> Float32Array:
         """Per lag (MIN_LAG_FRAMES..MAX_LAG_FRAMES), how the input's band envelopes over these
