@@ -51,18 +51,16 @@ from streaming.mqtt import (
 )
 from streaming.mqtt_calls import publish, subscribe, unsubscribe
 from streaming.mqtt_device import DeviceAdapter, Restore
-from streaming.mqtt_fleet import (
+from streaming.mqtt_fleet import Fleet, Route, Verdict
+from streaming.mqtt_records import (
     CLUSTER_SUB,
     DIRECT,
     SHARED,
     STATE_SUB,
     Claim,
     ClusterKind,
-    Fleet,
     HistoryItems,
     Presence,
-    Route,
-    Verdict,
     cluster_filters,
     cluster_topic,
     decode_history,

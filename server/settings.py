@@ -29,7 +29,7 @@ from pipelines.turn import TurnConfig
 from pipelines.vision import VisionConfig
 from server.origins import canonical_origin
 from streaming.mqtt import check_prefix
-from streaming.mqtt_fleet import check_share_group, valid_node_id
+from streaming.mqtt_records import check_share_group, valid_node_id
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from server.launch import ServerProcess, free_port, spawn_server
 from server.mqtt import ClusterBridge
 from server.settings import load_settings
 from server.state import AppState
-from streaming.mqtt_fleet import Claim, Presence, decode_history, parse_cluster_topic
+from streaming.mqtt_records import Claim, Presence, decode_history, parse_cluster_topic
 from tests.broker import Broker
 from tests.conftest import ARTIFACTS, speak, until
 from tests.e2e.test_mqtt import Device, health

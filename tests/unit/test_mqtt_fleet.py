@@ -13,14 +13,12 @@ from collections import deque
 import pytest
 
 from streaming.mqtt import AUDIO_IN, CONTROL
-from streaming.mqtt_fleet import (
+from streaming.mqtt_fleet import Fleet, Route, Verdict
+from streaming.mqtt_records import (
     MAX_SNAPSHOT_BYTES,
     Claim,
-    Fleet,
     HistoryItems,
     Presence,
-    Route,
-    Verdict,
     cluster_filters,
     cluster_topic,
     decode_history,
