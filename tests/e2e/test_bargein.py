@@ -130,6 +130,25 @@ async def test_speaking_over_the_reply_interrupts_it(app: App, lines: dict[str, 
     assert history[2] == ("user", second.transcript)
 
 
+async def test_headphones_the_client_did_not_declare_do_not_bend_words_over_the_reply(
+        app: App, lines: dict[str, np.ndarray]) -> None:
+    """A client that declares no echo cancellation but hears no echo: after a few seconds of
+    the reply over room noise the server's echo canceller lets its audio pass as it came
+    (streaming/echo.py, "No echo at all"), so words said over the rest of the reply are heard
+    as said (AEC3, finding no echo, bent them: "Stop, what is the capital of Spain?" came out
+    as "Ah, ethanol.", bench/echo.py)."""
+    room = EchoRoom(24_000, gain_db=-90)
+    async with conversation(app, room, client_aec=False) as client:
+        reply = await ask(client, room, lines["question"], 3500)
+        assert reply.interrupted is None
+        room.say(lines["spain"])
+        await client.wait_for(lambda: reply.interrupted is not None, timeout_s=30)
+        await client.wait_for(lambda: any(t.done for t in client.turns.values()), timeout_s=60)
+    second = next(t for t in client.turns.values() if t.done)
+    said = "".join(c for c in (second.transcript or "").lower() if c.isalpha() or c == " ")
+    assert said.split() == "stop what is the capital of spain".split(), second.transcript
+
+
 @pytest.mark.parametrize("sound", ["backchannel", "noise burst"])
 async def test_a_backchannel_or_a_noise_burst_does_not_interrupt(
         app: App, lines: dict[str, np.ndarray], sound: str) -> None:
