@@ -10,7 +10,9 @@ task group around it never ended: a speaker client that had finished its convers
 exited (a CI run of tests/e2e/test_speaker.py). These wrappers ask aiomqtt for no deadline
 (``math.inf``: it then awaits the broker's answer plainly) and keep the deadline with
 ``asyncio.timeout``, which never loses a cancellation; its expiry is an ``MqttError`` as
-aiomqtt's own would be.
+aiomqtt's own would be. (Connecting and disconnecting still wait through aiomqtt's own
+``wait_for``: once per connection, a much rarer race, and without a deadline there a broker
+that never answers would hold a shutdown forever.)
 """
 
 from __future__ import annotations
