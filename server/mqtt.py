@@ -469,11 +469,11 @@ class ClusterBridge(MqttBridge):
 
     async def _announce(self, client: aiomqtt.Client) -> None:
         await publish(client, self._record_topic("node", self.node_id),
-                             self.fleet.presence().encode(), qos=1, retain=True)
+                      self.fleet.presence().encode(), qos=1, retain=True)
 
     async def _publish_claim(self, client: aiomqtt.Client, device: str, claim: Claim) -> None:
         await publish(client, self._record_topic("owner", device), claim.encode(), qos=1,
-                             retain=True)
+                      retain=True)
 
     async def _barrier(self, client: aiomqtt.Client) -> None:
         """Publish to this node's own sync topic and wait for it to come back: the broker sends
@@ -498,7 +498,7 @@ class ClusterBridge(MqttBridge):
         this node closes go elsewhere."""
         if not self.state.draining:
             await subscribe(client, shared_filter(self.prefix, self.group), qos=QOS[CONTROL],
-                                   properties=_subscription(SHARED))
+                            properties=_subscription(SHARED))
             self.shared = True
         while not self.state.draining:  # noqa: ASYNC110 (AppState has no drain event to wait on)
             await asyncio.sleep(DRAIN_POLL_S)
@@ -516,7 +516,7 @@ class ClusterBridge(MqttBridge):
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             async with asyncio.timeout(FAREWELL_S):
                 await publish(client, self._record_topic("node", self.node_id), b"", qos=1,
-                                     retain=True)
+                              retain=True)
 
     # ---- messages ---------------------------------------------------------------------
 
@@ -626,7 +626,7 @@ class ClusterBridge(MqttBridge):
             # node knows the device is served before its next message reaches one of them
             await self._publish_claim(client, device, claim)
             await subscribe(client, device_filters(self.prefix, device),
-                                   properties=_subscription(DIRECT))
+                            properties=_subscription(DIRECT))
             carried = (await self._read_conversation(client, device)
                        if self.settings.history_on_broker else [])
             if device not in self.fleet.local:

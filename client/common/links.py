@@ -102,7 +102,7 @@ class MqttLink:
                     tls_params=self.tls, max_queued_incoming_messages=1000) as client:
                 await subscribe(client, topic(self.prefix, self.device_id, EVENTS), qos=QOS[EVENTS])
                 await subscribe(client, topic(self.prefix, self.device_id, AUDIO_OUT),
-                                       qos=QOS[AUDIO_OUT])
+                                qos=QOS[AUDIO_OUT])
                 yield MqttConnection(self, client)
         except aiomqtt.MqttError as e:
             raise ConnectionError(f"MQTT: {e}") from e
